@@ -17,6 +17,7 @@ import torch  # noqa: E402
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.postgres",
+    "tests.fixtures.mlflow",
 ]
 
 

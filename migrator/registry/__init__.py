@@ -1,0 +1,27 @@
+"""Model registries behind one Protocol: MLflow for real, in-memory for unit tests."""
+
+from migrator.registry.base import (
+    ROLE_ADAPTER,
+    ROLE_BASE,
+    ModelVersionInfo,
+    Registry,
+    RegistryError,
+    RegistryUnavailableError,
+    RunInfo,
+    Tag,
+    VersionNotFoundError,
+    VersionRef,
+)
+
+__all__ = [
+    "ROLE_ADAPTER",
+    "ROLE_BASE",
+    "ModelVersionInfo",
+    "Registry",
+    "RegistryError",
+    "RegistryUnavailableError",
+    "RunInfo",
+    "Tag",
+    "VersionNotFoundError",
+    "VersionRef",
+]

@@ -1,0 +1,155 @@
+"""An in-memory registry with the same behaviour as the MLflow one, for unit tests.
+
+Artifacts live in a local folder; ``fail_next`` makes the next calls raise
+:class:`RegistryUnavailableError`, to exercise outage handling without a server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from migrator.registry.base import (
+    ModelVersionInfo,
+    RegistryUnavailableError,
+    RunInfo,
+    Tag,
+    VersionNotFoundError,
+    VersionRef,
+)
+
+__all__ = ["MemoryRegistry"]
+
+
+class MemoryRegistry:
+    """Model versions and runs held in dictionaries; artifacts copied under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.versions: dict[VersionRef, ModelVersionInfo] = {}
+        self.runs: dict[str, dict[str, object]] = {}
+        self._run_ids = itertools.count(1)
+        self.fail_next = 0
+        self.calls: list[str] = []
+
+    def _enter(self, what: str) -> None:
+        self.calls.append(what)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise RegistryUnavailableError(f"{what}: registry unreachable (simulated)")
+
+    # --- test helpers ------------------------------------------------------------------
+    def add_version(
+        self, name: str, files: Path | None, tags: Mapping[str, str], description: str = ""
+    ) -> ModelVersionInfo:
+        """Register ``files`` (a file or folder, or None for no artifacts) as a new version."""
+        version = str(1 + max((int(r.version) for r in self.versions if r.name == name), default=0))
+        dest = self.root / "versions" / name / version
+        dest.mkdir(parents=True, exist_ok=True)
+        if files is not None:
+            if files.is_dir():
+                shutil.copytree(files, dest, dirs_exist_ok=True)
+            else:
+                shutil.copy2(files, dest / files.name)
+        info = ModelVersionInfo(
+            name=name,
+            version=version,
+            tags=dict(tags),
+            description=description,
+            source=dest.as_uri(),
+            created_ms=int(time.time() * 1000),
+        )
+        self.versions[info.ref] = info
+        return info
+
+    # --- the Registry protocol ---------------------------------------------------------
+    def list_versions(self, *, role: str | None = None) -> list[ModelVersionInfo]:
+        self._enter("list_versions")
+        return [v for v in self.versions.values() if role is None or v.tags.get(Tag.ROLE) == role]
+
+    def get_version(self, ref: VersionRef) -> ModelVersionInfo:
+        self._enter(f"get_version {ref}")
+        try:
+            return self.versions[ref]
+        except KeyError:
+            raise VersionNotFoundError(f"model version {ref} not found") from None
+
+    def set_tags(self, ref: VersionRef, tags: Mapping[str, str]) -> None:
+        self._enter(f"set_tags {ref}")
+        info = self.get_version(ref)
+        self.versions[ref] = ModelVersionInfo(**{**info.__dict__, "tags": {**info.tags, **tags}})
+
+    def download(self, ref: VersionRef, dst: Path) -> Path:
+        self._enter(f"download {ref}")
+        info = self.get_version(ref)
+        src = Path(info.source.removeprefix("file://"))
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return dst
+
+    def find_version_by_tag(self, name: str, key: str, value: str) -> ModelVersionInfo | None:
+        self._enter(f"find_version_by_tag {name}")
+        found = [v for v in self.versions.values() if v.name == name and v.tags.get(key) == value]
+        return min(found, key=lambda v: int(v.version)) if found else None
+
+    def log_run(
+        self,
+        *,
+        experiment: str,
+        run_name: str,
+        job_key: str,
+        params: Mapping[str, str],
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str],
+        artifacts: Mapping[str, Path],
+    ) -> RunInfo:
+        self._enter(f"log_run {job_key}")
+        for run_id, run in self.runs.items():
+            if run["job"] == job_key:
+                return RunInfo(run_id, experiment)
+        run_id = f"run{next(self._run_ids)}"
+        dest = self.root / "runs" / run_id
+        for artifact_path, local in artifacts.items():
+            target = dest / artifact_path
+            if local.is_dir():
+                shutil.copytree(local, target, dirs_exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(local, target)
+        self.runs[run_id] = {
+            "job": job_key,
+            "name": run_name,
+            "params": dict(params),
+            "metrics": dict(metrics),
+            "tags": dict(tags),
+            "dir": dest,
+        }
+        return RunInfo(run_id, experiment)
+
+    def create_version(
+        self,
+        *,
+        name: str,
+        run: RunInfo,
+        artifact_path: str,
+        tags: Mapping[str, str],
+        description: str,
+    ) -> ModelVersionInfo:
+        job = tags.get(Tag.JOB)
+        if job and (existing := self.find_version_by_tag(name, Tag.JOB, job)) is not None:
+            return existing
+        self._enter(f"create_version {name}")
+        src = Path(str(self.runs[run.run_id]["dir"])) / artifact_path
+        info = self.add_version(name, src, tags, description)
+        info = ModelVersionInfo(**{**info.__dict__, "run_id": run.run_id})
+        self.versions[info.ref] = info
+        return info
+
+    def version_link(self, ref: VersionRef) -> str:
+        return f"#/models/{ref.name}/versions/{ref.version}"
+
+    def run_link(self, run: RunInfo) -> str:
+        return f"#/experiments/{run.experiment_id}/runs/{run.run_id}"

@@ -1,0 +1,332 @@
+"""The MLflow Model Registry behind the :class:`~migrator.registry.base.Registry` Protocol.
+
+Works with the embedded SQLite store (``sqlite:///...``) and with ``mlflow server`` over HTTP.
+MLflow's own HTTP retries are turned down so that this module's bounded retries, which the
+daemon's outage handling relies on, decide how long a call may take.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from migrator.registry.base import (
+    ModelVersionInfo,
+    RegistryError,
+    RegistryUnavailableError,
+    RunInfo,
+    Tag,
+    VersionNotFoundError,
+    VersionRef,
+)
+from migrator.registry.retry import retry_call
+
+__all__ = ["MlflowRegistry", "is_transient"]
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+_PERMANENT_CODES = {
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "INVALID_PARAMETER_VALUE",
+    "INVALID_STATE",
+    "BAD_REQUEST",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "NOT_FOUND",
+    "ENDPOINT_NOT_FOUND",
+}
+_TRANSIENT_CODES = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+    "IO_ERROR",
+    "ABORTED",
+    "RESOURCE_EXHAUSTED",
+}
+_TRANSIENT_TEXT = (
+    "max retries exceeded",
+    "connection refused",
+    "connection aborted",
+    "connectionerror",
+    "timed out",
+    "database is locked",
+    "remote end closed",
+    "temporarily unavailable",
+    "502",
+    "503",
+    "504",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying a registry call that raised ``exc`` may succeed."""
+    if isinstance(exc, MlflowException):
+        code = str(exc.error_code)
+        if code in _PERMANENT_CODES:
+            return False
+        if code in _TRANSIENT_CODES:
+            return True
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(marker in text for marker in _TRANSIENT_TEXT)
+
+
+def _quote_value(value: str) -> str:
+    if "'" in value:
+        raise RegistryError(f"registry filter values may not contain a quote: {value!r}")
+    return f"'{value}'"
+
+
+def _info(mv: ModelVersion) -> ModelVersionInfo:
+    return ModelVersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        tags=dict(mv.tags or {}),
+        description=mv.description or "",
+        run_id=mv.run_id or None,
+        source=mv.source or "",
+        created_ms=int(mv.creation_timestamp or 0),
+    )
+
+
+class MlflowRegistry:
+    """An MLflow tracking server or store plus its model registry.
+
+    Args:
+        tracking_uri: MLflow tracking URI (``sqlite:///...``, ``http://127.0.0.1:5000``...).
+        registry_uri: registry URI (defaults to the tracking URI).
+        artifact_root: artifact location used when this class creates the migration experiment.
+        retries: retries of a call that fails transiently.
+        backoff_s: first retry delay (doubles each retry).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        registry_uri: str | None = None,
+        *,
+        artifact_root: str | None = None,
+        retries: int = 5,
+        backoff_s: float = 1.0,
+    ) -> None:
+        # MLflow retries HTTP calls 7 times with growing backoff by default (minutes); here the
+        # retry policy is ours, so keep MLflow's short.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.tracking_uri = tracking_uri
+        self.registry_uri = registry_uri or tracking_uri
+        self.artifact_root = artifact_root
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=self.registry_uri)
+        self._experiment_ids: dict[str, str] = {}
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return retry_call(
+                fn,
+                is_transient=is_transient,
+                retries=self.retries,
+                backoff_s=self.backoff_s,
+                what=f"registry: {what}",
+            )
+        except MlflowException as exc:
+            if str(exc.error_code) == "RESOURCE_DOES_NOT_EXIST":
+                raise VersionNotFoundError(f"{what}: {exc.message}") from exc
+            if is_transient(exc):
+                raise RegistryUnavailableError(f"{what}: {exc.message}") from exc
+            raise RegistryError(f"{what}: {exc.message}") from exc
+        except Exception as exc:
+            if is_transient(exc):
+                raise RegistryUnavailableError(f"{what}: {exc}") from exc
+            raise
+
+    # --- reading -----------------------------------------------------------------------
+    def _search(self, filter_string: str | None) -> list[ModelVersionInfo]:
+        out: list[ModelVersionInfo] = []
+        token: str | None = None
+        while True:
+            page = self._call(
+                f"search model versions ({filter_string or 'all'})",
+                lambda token=token: self.client.search_model_versions(
+                    filter_string=filter_string, max_results=1000, page_token=token
+                ),
+            )
+            out.extend(_info(mv) for mv in page)
+            token = page.token
+            if not token:
+                return out
+
+    def list_versions(self, *, role: str | None = None) -> list[ModelVersionInfo]:
+        flt = None if role is None else f"tags.`{Tag.ROLE}` = {_quote_value(role)}"
+        return self._search(flt)
+
+    def get_version(self, ref: VersionRef) -> ModelVersionInfo:
+        return _info(
+            self._call(f"get {ref}", lambda: self.client.get_model_version(ref.name, ref.version))
+        )
+
+    def find_version_by_tag(self, name: str, key: str, value: str) -> ModelVersionInfo | None:
+        found = self._search(
+            f"name = {_quote_value(name)} AND tags.`{key}` = {_quote_value(value)}"
+        )
+        return min(found, key=lambda v: int(v.version)) if found else None
+
+    def download(self, ref: VersionRef, dst: Path) -> Path:
+        import mlflow.artifacts
+
+        dst.mkdir(parents=True, exist_ok=True)
+        uri = self._call(
+            f"resolve artifacts of {ref}",
+            lambda: self.client.get_model_version_download_uri(ref.name, ref.version),
+        )
+        local = self._call(
+            f"download artifacts of {ref}",
+            lambda: mlflow.artifacts.download_artifacts(
+                artifact_uri=uri,
+                dst_path=str(dst),
+                tracking_uri=self.tracking_uri,
+                registry_uri=self.registry_uri,
+            ),
+        )
+        return Path(local)
+
+    # --- writing -----------------------------------------------------------------------
+    def set_tags(self, ref: VersionRef, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self._call(
+                f"set tag {key} on {ref}",
+                lambda key=key, value=value: self.client.set_model_version_tag(
+                    ref.name, ref.version, key, value
+                ),
+            )
+
+    def _experiment_id(self, name: str) -> str:
+        if name in self._experiment_ids:
+            return self._experiment_ids[name]
+        exp = self._call(f"get experiment {name}", lambda: self.client.get_experiment_by_name(name))
+        if exp is None:
+            try:
+                exp_id = self._call(
+                    f"create experiment {name}",
+                    lambda: self.client.create_experiment(
+                        name, artifact_location=self.artifact_root
+                    ),
+                )
+            except RegistryError:  # created meanwhile by another replica
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        else:
+            exp_id = exp.experiment_id
+        self._experiment_ids[name] = exp_id
+        return exp_id
+
+    def log_run(
+        self,
+        *,
+        experiment: str,
+        run_name: str,
+        job_key: str,
+        params: Mapping[str, str],
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str],
+        artifacts: Mapping[str, Path],
+    ) -> RunInfo:
+        exp_id = self._experiment_id(experiment)
+        runs = self._call(
+            f"search runs of job {job_key}",
+            lambda: self.client.search_runs(
+                [exp_id], filter_string=f"tags.`{Tag.JOB}` = {_quote_value(job_key)}"
+            ),
+        )
+        for run in runs:
+            if run.info.status == RunStatus.to_string(RunStatus.FINISHED):
+                return RunInfo(run.info.run_id, exp_id)
+        for run in runs:  # left behind by a crash: mark it, then start afresh
+            if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+                self._call(
+                    f"end stale run {run.info.run_id}",
+                    lambda run=run: self.client.set_terminated(run.info.run_id, "KILLED"),
+                )
+        run = self._call(
+            f"create run for job {job_key}",
+            lambda: self.client.create_run(
+                exp_id, tags={Tag.JOB: job_key, **tags}, run_name=run_name
+            ),
+        )
+        run_id = run.info.run_id
+        self._call(
+            f"log params/metrics of run {run_id}",
+            lambda: self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            ),
+        )
+        for artifact_path, local in artifacts.items():
+            if local.is_dir():
+                self._call(
+                    f"log artifacts {artifact_path} of run {run_id}",
+                    lambda local=local, artifact_path=artifact_path: self.client.log_artifacts(
+                        run_id, str(local), artifact_path
+                    ),
+                )
+            else:
+                parent = str(Path(artifact_path).parent)
+                self._call(
+                    f"log artifact {artifact_path} of run {run_id}",
+                    lambda local=local, parent=parent: self.client.log_artifact(
+                        run_id, str(local), None if parent == "." else parent
+                    ),
+                )
+        self._call(f"finish run {run_id}", lambda: self.client.set_terminated(run_id, "FINISHED"))
+        return RunInfo(run_id, exp_id)
+
+    def create_version(
+        self,
+        *,
+        name: str,
+        run: RunInfo,
+        artifact_path: str,
+        tags: Mapping[str, str],
+        description: str,
+    ) -> ModelVersionInfo:
+        job = tags.get(Tag.JOB)
+        if job:
+            existing = self.find_version_by_tag(name, Tag.JOB, job)
+            if existing is not None:
+                return existing
+        mv = self._call(
+            f"register a version of {name}",
+            lambda: self.client.create_model_version(
+                name,
+                source=f"runs:/{run.run_id}/{artifact_path}",
+                run_id=run.run_id,
+                tags=dict(tags),
+                description=description,
+            ),
+        )
+        return _info(mv)
+
+    def version_link(self, ref: VersionRef) -> str:
+        return f"#/models/{quote(ref.name, safe='')}/versions/{ref.version}"
+
+    def run_link(self, run: RunInfo) -> str:
+        return f"#/experiments/{run.experiment_id}/runs/{run.run_id}"

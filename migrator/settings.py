@@ -1,0 +1,277 @@
+"""Settings of the migrator: one object, built at the entry point and passed down.
+
+Sources, highest priority first: keyword arguments, environment variables (prefix ``MIGRATOR_``),
+a TOML file (``--config FILE`` or ``MIGRATOR_CONFIG``; top-level keys are the field names), then
+the defaults below. The defaults need nothing: MLflow on a local SQLite file, the job database on a
+separate SQLite file, everything under ``data_dir``, CPU or whatever ``device=auto`` finds.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["ConfigFileError", "Device", "ExecutorKind", "Settings", "load_settings"]
+
+_CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "migrator_config_file", default=None
+)
+
+
+class ConfigFileError(ValueError):
+    """The configuration file named by ``--config`` or ``MIGRATOR_CONFIG`` cannot be used."""
+
+
+class Device(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class ExecutorKind(StrEnum):
+    LOCAL = "local"
+    RAY = "ray"
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Everything a user may tune. Field ``x`` is the environment variable ``MIGRATOR_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MIGRATOR_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- where things live -------------------------------------------------------------
+    data_dir: Path = Field(
+        Path(".migrator"),
+        description="Folder for the embedded defaults: SQLite files, artifacts, cache, scratch.",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Falls back to MLFLOW_TRACKING_URI, then to "
+        "sqlite:///<data_dir>/mlflow.db.",
+    )
+    registry_uri: str | None = Field(
+        None, description="MLflow registry URI. Defaults to the tracking URI."
+    )
+    database_url: SecretStr | None = Field(
+        None,
+        description="SQLAlchemy URL of the job database. Defaults to "
+        "sqlite:///<data_dir>/migrator.db; PostgreSQL (postgresql+psycopg://...) in production.",
+    )
+    artifact_root: str | None = Field(
+        None,
+        description="Artifact location of the migration experiment when the migrator creates it "
+        "(defaults to <data_dir>/mlartifacts for a local store; the server's default otherwise).",
+    )
+    experiment_name: str = Field(
+        "lorax-migrations", description="MLflow experiment that holds the migration runs."
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Factorization cache, keyed by tensor content digest (default "
+        "<data_dir>/factor-cache). Share it between replicas and workers when you can.",
+    )
+    scratch_dir: Path | None = Field(
+        None, description="Scratch space for downloads (default <data_dir>/scratch)."
+    )
+
+    # --- the method --------------------------------------------------------------------
+    similarity_rank: int = Field(
+        32, ge=1, description="k of the subspace similarity Psi_k (eq. 4); must truncate."
+    )
+    weighted_similarity: bool = Field(
+        False, description="Use the singular-value-weighted similarity of eq. 5 instead of eq. 4."
+    )
+    atc_combine: Literal["mean", "max", "left", "right"] = Field(
+        "mean", description="How ATC left and right combine into the ATC that decides."
+    )
+    module_min_similarity: float = Field(
+        0.5, ge=0.0, le=1.0, description="Per-module similarity threshold (filter blocks)."
+    )
+    module_patterns: list[str] | None = Field(
+        None,
+        description="Regexes selecting adapter locations in base weights; default: attention "
+        "projections of diffusers UNets, Llama-style decoders and BERT encoders.",
+    )
+    role_substitutions: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="Extra (regex, replacement) pairs applied to module names, after numeric "
+        "segments are wildcarded, to form a module's role.",
+    )
+    transfer_mode: Literal["project", "subspace", "copy"] = Field(
+        "project", description="project (paper Algorithm 1), subspace (k = r), or copy (ablation)."
+    )
+    transfer_rank: int | None = Field(
+        None, ge=1, description="k of the projection in project mode (default: full thin rank)."
+    )
+    device: Device = Field(Device.AUTO, description="auto, cpu or cuda.")
+    allow_pickle: bool = Field(
+        False, description="Allow pickle checkpoints (.bin/.pt/.ckpt). Only for trusted registries."
+    )
+
+    # --- approval policy ---------------------------------------------------------------
+    auto_approve_atc: float = Field(
+        0.3, ge=0.0, le=1.0, description="ATC at or below which a transfer is approved by itself."
+    )
+    max_atc: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="ATC at or below which a transfer waits for approval; above it is skipped.",
+    )
+
+    # --- the daemon --------------------------------------------------------------------
+    poll_interval_s: float = Field(60.0, gt=0, description="Seconds between registry polls.")
+    worker_id: str = Field(
+        default_factory=_default_worker_id, description="Lease owner name of this process."
+    )
+    claim_batch: int = Field(4, ge=1, description="Jobs claimed at a time.")
+    lease_s: float = Field(300.0, gt=0, description="Lease of a running job, renewed by heartbeat.")
+    heartbeat_s: float = Field(30.0, gt=0, description="Seconds between lease renewals.")
+    max_attempts: int = Field(3, ge=1, description="Automatic attempts of a job before an admin.")
+    retry_backoff_s: float = Field(30.0, ge=0, description="First retry delay; doubles each time.")
+    retry_backoff_max_s: float = Field(3600.0, ge=0, description="Cap of the retry delay.")
+    registry_retries: int = Field(
+        5, ge=0, description="Retries of a registry call on a transient error."
+    )
+    registry_backoff_s: float = Field(1.0, ge=0, description="First registry retry delay.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_level: str = Field("INFO", description="Log level.")
+
+    # --- webhook -----------------------------------------------------------------------
+    webhook_enabled: bool = Field(
+        False, description="Run the MLflow webhook receiver (it only triggers an early poll)."
+    )
+    webhook_host: str = Field("127.0.0.1", description="Address the webhook receiver binds.")
+    webhook_port: int = Field(8765, ge=0, le=65535, description="Port of the webhook receiver.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Shared secret of the MLflow webhook (HMAC-SHA256 signatures)."
+    )
+
+    # --- execution ---------------------------------------------------------------------
+    executor: ExecutorKind = Field(
+        ExecutorKind.LOCAL, description="local (in-process) or ray (a Ray cluster)."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray address: auto, ray://host:port, or empty for a local Ray."
+    )
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _check_database_url(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw in (None, ""):
+            return None
+        if "://" not in str(raw):
+            raise ValueError(f"not a SQLAlchemy URL: {raw!r} (expected e.g. sqlite:///path.db)")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if self.auto_approve_atc > self.max_atc:
+            raise ValueError(
+                f"auto_approve_atc ({self.auto_approve_atc}) must not exceed max_atc "
+                f"({self.max_atc})"
+            )
+        data = self.data_dir
+        if self.tracking_uri in (None, ""):
+            env = os.environ.get("MLFLOW_TRACKING_URI")
+            self.tracking_uri = env or f"sqlite:///{(data / 'mlflow.db').as_posix()}"
+        if self.registry_uri in (None, ""):
+            self.registry_uri = self.tracking_uri
+        if self.database_url is None:
+            self.database_url = SecretStr(f"sqlite:///{(data / 'migrator.db').as_posix()}")
+        if self.cache_dir is None:
+            self.cache_dir = data / "factor-cache"
+        if self.scratch_dir is None:
+            self.scratch_dir = data / "scratch"
+        if self.artifact_root is None and self.tracking_uri.startswith(("sqlite:", "file:", "/")):
+            self.artifact_root = (data / "mlartifacts").resolve().as_uri()
+        return self
+
+    # Typed accessors for the fields the validator always fills.
+    @property
+    def tracking(self) -> str:
+        assert self.tracking_uri is not None
+        return self.tracking_uri
+
+    @property
+    def registry(self) -> str:
+        assert self.registry_uri is not None
+        return self.registry_uri
+
+    @property
+    def database(self) -> str:
+        assert self.database_url is not None
+        return self.database_url.get_secret_value()
+
+    @property
+    def factor_cache_dir(self) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir
+
+    @property
+    def scratch(self) -> Path:
+        assert self.scratch_dir is not None
+        return self.scratch_dir
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is None and os.environ.get("MIGRATOR_CONFIG"):
+            path = Path(os.environ["MIGRATOR_CONFIG"])
+        if path is not None:
+            if not path.is_file():
+                raise ConfigFileError(f"configuration file not found: {path}")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings from keyword overrides, the environment, a TOML file and defaults.
+
+    Args:
+        config_file: TOML file; when None, ``MIGRATOR_CONFIG`` is used if set.
+        **overrides: field values that win over every other source.
+
+    Raises:
+        ConfigFileError: the configuration file is missing or not valid TOML.
+        pydantic.ValidationError: a value is invalid (the message names the setting).
+    """
+    token = _CONFIG_FILE.set(Path(config_file) if config_file is not None else None)
+    try:
+        return Settings(**overrides)
+    except ConfigFileError:
+        raise
+    except ValueError as exc:
+        if "TOML" in type(exc).__name__ or "toml" in str(type(exc)).lower():
+            raise ConfigFileError(f"{config_file}: not valid TOML: {exc}") from exc
+        raise
+    finally:
+        _CONFIG_FILE.reset(token)
