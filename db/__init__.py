@@ -1,1 +1,160 @@
-"""db package."""
+"""The job database: typed models, the job state machine, sessions, queries and migrations.
+
+Query and command functions take a keyword-only ``session``, flush, and never commit; wrap a
+unit of work in :func:`session_scope`. Migrations are in :mod:`db.migrations` (``upgrade``,
+``downgrade``, ``current``, ``head``, ``check``, ``is_at_head``, ``ensure_at_head``). See
+``db/README.md`` for the map.
+"""
+
+from db import migrations
+from db.assessments import find_assessment, params_hash, store_assessment
+from db.base import Base
+from db.catalog import (
+    adapter_versions_on_base,
+    deprecate_base,
+    find_adapter_version,
+    find_base_version,
+    get_or_create_adapter_version,
+    get_or_create_base_version,
+)
+from db.engine import make_engine, make_session_factory, normalize_url, session_scope
+from db.enums import AdapterFormat, AdapterLayout, AdapterOrigin, AuditAction, BaseStatus
+from db.errors import (
+    DatabaseNotAtHeadError,
+    IllegalTransitionError,
+    JobDatabaseError,
+    JobNotFoundError,
+    JobStateError,
+    LeaseLostError,
+    ReasonRequiredError,
+    SchemaDriftError,
+)
+from db.jobs import (
+    DEFAULT_MAX_ATTEMPTS,
+    POLICY_ACTOR,
+    apply_policy_decision,
+    approve,
+    audit_trail,
+    count_by_status,
+    force,
+    get_job,
+    get_or_create_job,
+    list_jobs,
+    pending_approvals,
+    reject,
+    retry,
+)
+from db.leases import (
+    DEFAULT_LEASE_S,
+    SYSTEM_ACTOR,
+    BackoffPolicy,
+    claim,
+    complete,
+    fail,
+    heartbeat,
+    release,
+)
+from db.lineage import (
+    LineageEntry,
+    LineageLatest,
+    ancestors,
+    descendants,
+    latest_per_lineage,
+    record_lineage,
+)
+from db.migrations import VERSION_TABLE, ensure_at_head
+from db.models import (
+    AdapterVersion,
+    Assessment,
+    AuditEvent,
+    BaseModelVersion,
+    Lineage,
+    ModulePair,
+    TransferJob,
+)
+from db.status import (
+    ACTIVE,
+    ALLOWED_TRANSITIONS,
+    RUNNABLE,
+    TERMINAL,
+    JobStatus,
+    can_transition,
+    transition,
+)
+from db.timestamps import UTCDateTime, utcnow
+
+__all__ = [
+    "ACTIVE",
+    "ALLOWED_TRANSITIONS",
+    "DEFAULT_LEASE_S",
+    "DEFAULT_MAX_ATTEMPTS",
+    "POLICY_ACTOR",
+    "RUNNABLE",
+    "SYSTEM_ACTOR",
+    "TERMINAL",
+    "VERSION_TABLE",
+    "AdapterFormat",
+    "AdapterLayout",
+    "AdapterOrigin",
+    "AdapterVersion",
+    "Assessment",
+    "AuditAction",
+    "AuditEvent",
+    "BackoffPolicy",
+    "Base",
+    "BaseModelVersion",
+    "BaseStatus",
+    "DatabaseNotAtHeadError",
+    "IllegalTransitionError",
+    "JobDatabaseError",
+    "JobNotFoundError",
+    "JobStateError",
+    "JobStatus",
+    "LeaseLostError",
+    "Lineage",
+    "LineageEntry",
+    "LineageLatest",
+    "ModulePair",
+    "ReasonRequiredError",
+    "SchemaDriftError",
+    "TransferJob",
+    "UTCDateTime",
+    "adapter_versions_on_base",
+    "ancestors",
+    "apply_policy_decision",
+    "approve",
+    "audit_trail",
+    "can_transition",
+    "claim",
+    "complete",
+    "count_by_status",
+    "deprecate_base",
+    "descendants",
+    "ensure_at_head",
+    "fail",
+    "find_adapter_version",
+    "find_assessment",
+    "find_base_version",
+    "force",
+    "get_job",
+    "get_or_create_adapter_version",
+    "get_or_create_base_version",
+    "get_or_create_job",
+    "heartbeat",
+    "latest_per_lineage",
+    "list_jobs",
+    "make_engine",
+    "make_session_factory",
+    "migrations",
+    "normalize_url",
+    "params_hash",
+    "pending_approvals",
+    "record_lineage",
+    "reject",
+    "release",
+    "retry",
+    "session_scope",
+    "store_assessment",
+    "transition",
+    "utcnow",
+]
