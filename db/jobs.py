@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from db.enums import AuditAction
 from db.errors import IllegalTransitionError, JobNotFoundError, ReasonRequiredError
 from db.idempotent import insert_or_get
-from db.models import AuditEvent, TransferJob
+from db.models import AdapterVersion, AuditEvent, TransferJob
 from db.status import JobStatus, transition
 from db.timestamps import utcnow
 
@@ -30,6 +30,7 @@ __all__ = [
     "force",
     "get_job",
     "get_or_create_job",
+    "job_for_lineage",
     "list_jobs",
     "pending_approvals",
     "record_audit",
@@ -303,3 +304,17 @@ def audit_trail(job_id: int, *, session: Session) -> Sequence[AuditEvent]:
     return session.scalars(
         select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.id)
     ).all()
+
+
+def job_for_lineage(
+    adapter_name: str, target_base_id: int, *, session: Session
+) -> TransferJob | None:
+    """The job (any status) carrying some version of adapter model ``adapter_name`` to the
+    target base, if one exists: the service plans one job per lineage and target."""
+    return session.scalars(
+        select(TransferJob)
+        .join(AdapterVersion, TransferJob.adapter_version_id == AdapterVersion.id)
+        .where(AdapterVersion.name == adapter_name, TransferJob.target_base_id == target_base_id)
+        .order_by(TransferJob.id)
+        .limit(1)
+    ).first()

@@ -1,0 +1,148 @@
+"""What a pass needs: settings, the registry, the job database, local files, a stop token."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import make_engine, make_session_factory
+from migrator.daemon import StopToken
+from migrator.migration import BaseModel, ProgressFn, open_base
+from migrator.registry import ModelVersionInfo, Registry, Tag, VersionRef
+from migrator.settings import Settings
+
+__all__ = ["CRASH_ENV", "Context", "Workspace", "crash_point", "ensure_sqlite_parent"]
+
+log = logging.getLogger(__name__)
+
+#: Test hook: ``MIGRATOR_CRASH_AT=<point>[:<count>]`` kills the process (exit 137, no cleanup)
+#: when a job reaches ``<point>`` (``mid_transfer``, ``after_run``, ``after_register``), at most
+#: ``<count>`` times per marker file (``MIGRATOR_CRASH_MARKER``), so a restarted daemon goes on.
+CRASH_ENV = "MIGRATOR_CRASH_AT"
+
+
+def crash_point(point: str) -> None:
+    """Kill the process here if the crash test hook asks for it."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    wanted, _, count = spec.partition(":")
+    if wanted != point:
+        return
+    marker = os.environ.get("MIGRATOR_CRASH_MARKER")
+    if marker:
+        path = Path(marker)
+        done = int(path.read_text()) if path.exists() else 0
+        if done >= int(count or 1):
+            return
+        path.write_text(str(done + 1))
+    log.error("crash point %s: killing the process", point)
+    logging.shutdown()
+    os._exit(137)
+
+
+class Workspace:
+    """Local copies of registry artifacts, and opened bases kept for reuse within a process.
+
+    Downloads go to ``scratch/{bases,adapters}/<name>/<version>`` and are marked complete only
+    once whole, so an interrupted download is redone, never half-used.
+    """
+
+    def __init__(self, settings: Settings, registry: Registry, *, keep_bases: int = 4) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.keep_bases = keep_bases
+        self._bases: OrderedDict[VersionRef, BaseModel] = OrderedDict()
+        self.progress: ProgressFn | None = None
+
+    def _download(self, kind: str, ref: VersionRef) -> Path:
+        dest = self.settings.scratch / kind / ref.name / ref.version
+        done = dest / ".complete"
+        if done.exists():
+            return Path(done.read_text())
+        if dest.exists():
+            shutil.rmtree(dest)
+        local = self.registry.download(ref, dest / "files")
+        done.write_text(str(local))
+        return local
+
+    def adapter_files(self, ref: VersionRef) -> Path:
+        """The adapter version's artifacts, downloaded once."""
+        return self._download("adapters", ref)
+
+    def base(self, info: ModelVersionInfo) -> BaseModel:
+        """The base version opened for migration (downloaded and opened once per process).
+
+        Raises:
+            InputError: no usable weights (named by ``name/version``).
+        """
+        ref = info.ref
+        if ref in self._bases:
+            self._bases.move_to_end(ref)
+            return self._bases[ref]
+        root = self._download("bases", ref)
+        base = open_base(
+            root,
+            self.settings,
+            label=str(ref),
+            weights_path=info.tags.get(Tag.WEIGHTS_PATH) or None,
+            progress=self.progress,
+        )
+        self._bases[ref] = base
+        while len(self._bases) > self.keep_bases:
+            self._bases.popitem(last=False)
+        return base
+
+
+@dataclass
+class Context:
+    """Everything one pass (``run_once``) works with."""
+
+    settings: Settings
+    registry: Registry
+    engine: Engine
+    sessions: sessionmaker[Session]
+    workspace: Workspace
+    stop: StopToken = field(default_factory=StopToken)
+    on_progress: Callable[[str], None] | None = None
+
+    @classmethod
+    def create(cls, settings: Settings, registry: Registry | None = None) -> Context:
+        """Wire the settings' registry and job database (engine made once per context)."""
+        if registry is None:
+            from migrator.registry.mlflow_registry import MlflowRegistry
+
+            registry = MlflowRegistry(
+                settings.tracking,
+                settings.registry,
+                artifact_root=settings.artifact_root,
+                retries=settings.registry_retries,
+                backoff_s=settings.registry_backoff_s,
+            )
+        ensure_sqlite_parent(settings.database)
+        engine = make_engine(settings.database)
+        return cls(
+            settings=settings,
+            registry=registry,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            workspace=Workspace(settings, registry),
+        )
+
+    def say(self, message: str) -> None:
+        log.info(message)
+        if self.on_progress is not None:
+            self.on_progress(message)
+
+
+def ensure_sqlite_parent(url: str) -> None:
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)

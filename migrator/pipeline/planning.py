@@ -1,0 +1,273 @@
+"""Assess base pairs and plan one job per adapter lineage and target base.
+
+Per lineage (an adapter registered model) and active target base, the source is the lineage's
+version whose base has the lowest ATC to the target: an original adapter two bases back may beat
+a transferred one, since chained transfers compound error. The policy then decides on that ATC:
+``<= auto_approve_atc`` approved, ``<= max_atc`` pending approval, above skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from core.errors import InputError
+from db import (
+    JobStatus,
+    ModulePair,
+    find_assessment,
+    find_base_version,
+    job_for_lineage,
+    store_assessment,
+)
+from migrator.migration import Assessment, assess, assessment_parameters
+from migrator.pipeline.context import Context
+from migrator.pipeline.snapshot import AdapterEntry, Snapshot
+from migrator.registry import VersionRef
+from migrator.settings import Settings
+
+__all__ = ["PairATC", "Planner", "Proposal", "policy_decision"]
+
+log = logging.getLogger(__name__)
+
+
+def policy_decision(atc: float, settings: Settings) -> tuple[JobStatus, str]:
+    """The approval policy on one ATC: (decision, reason)."""
+    if atc <= settings.auto_approve_atc:
+        return JobStatus.APPROVED, (
+            f"ATC {atc:.3f} <= auto_approve_atc {settings.auto_approve_atc:.2f}: approved by policy"
+        )
+    if atc <= settings.max_atc:
+        return JobStatus.PENDING_APPROVAL, (
+            f"auto_approve_atc {settings.auto_approve_atc:.2f} < ATC {atc:.3f} <= max_atc "
+            f"{settings.max_atc:.2f}: waiting for an admin"
+        )
+    return JobStatus.SKIPPED, (
+        f"ATC {atc:.3f} > max_atc {settings.max_atc:.2f}: the bases are too different "
+        "(an admin can force it)"
+    )
+
+
+@dataclass(frozen=True)
+class PairATC:
+    """The ATC of one (source base, target base) pair, or why there is none."""
+
+    source: VersionRef
+    target: VersionRef
+    atc: float | None = None
+    atc_left: float | None = None
+    atc_right: float | None = None
+    error: str | None = None
+    assessment_id: int | None = None
+    computed: bool = False  # computed in this pass (not found stored)
+    counts: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One job to plan: carry ``adapter`` (of ``lineage``) from its base to ``target``."""
+
+    lineage: str
+    adapter: AdapterEntry
+    target: VersionRef
+    pair: PairATC
+    decision: JobStatus
+    reason: str
+    candidates: tuple[tuple[str, float | None], ...]
+
+    @property
+    def source_base(self) -> VersionRef:
+        assert self.adapter.base is not None
+        return self.adapter.base
+
+
+class Planner:
+    """Plans the jobs a pass should create, assessing base pairs as needed.
+
+    Args:
+        ctx: the pass's context.
+        snapshot: the registry as read at the start of the pass.
+        dry_run: compute assessments but store nothing.
+        known_usable: bases already found usable (their weights were opened in an earlier
+            pass), so that a pass need not download every base to know who supersedes whom.
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        snapshot: Snapshot,
+        *,
+        dry_run: bool = False,
+        known_usable: frozenset[VersionRef] = frozenset(),
+    ) -> None:
+        self.ctx = ctx
+        self.known_usable = known_usable
+        self.snapshot = snapshot
+        self.dry_run = dry_run
+        self.parameters = assessment_parameters(ctx.settings)
+        self._usable: dict[VersionRef, str | None] = {}
+        self._pairs: dict[tuple[VersionRef, VersionRef], PairATC] = {}
+        self.assessments: dict[tuple[VersionRef, VersionRef], Assessment] = {}
+
+    # --- bases --------------------------------------------------------------------------
+    def base_problem(self, ref: VersionRef) -> str | None:
+        """Why ``ref`` cannot be used as a base (None when it can). Opens it once."""
+        if ref not in self._usable:
+            info = self.snapshot.bases.get(ref)
+            if info is None:
+                self._usable[ref] = f"base {ref} is not in the registry"
+            elif ref in self.known_usable:  # opened and recorded by an earlier pass
+                self._usable[ref] = None
+            else:
+                try:
+                    self.ctx.workspace.base(info)
+                    self._usable[ref] = None
+                except InputError as exc:
+                    self._usable[ref] = f"base {ref} has no usable weights: {exc}"
+                    log.warning(self._usable[ref])
+        return self._usable[ref]
+
+    def usable(self, ref: VersionRef) -> bool:
+        return self.base_problem(ref) is None
+
+    @property
+    def base_problems(self) -> list[str]:
+        """Why each base found unusable so far cannot be used."""
+        return [problem for problem in self._usable.values() if problem]
+
+    @property
+    def pairs(self) -> list[PairATC]:
+        """Every base pair looked at so far (stored, computed or failed)."""
+        return list(self._pairs.values())
+
+    # --- assessments --------------------------------------------------------------------
+    def pair_atc(self, source: VersionRef, target: VersionRef, *, session: Session) -> PairATC:
+        key = (source, target)
+        if key not in self._pairs:
+            self._pairs[key] = self._pair_atc(source, target, session=session)
+        return self._pairs[key]
+
+    def _pair_atc(self, source: VersionRef, target: VersionRef, *, session: Session) -> PairATC:
+        for ref in (target, source):
+            problem = self.base_problem(ref)
+            if problem is not None:
+                return PairATC(source, target, error=problem)
+        src_row = find_base_version(source.name, source.version, session=session)
+        tgt_row = find_base_version(target.name, target.version, session=session)
+        if src_row is not None and tgt_row is not None:
+            stored = find_assessment(src_row.id, tgt_row.id, self.parameters, session=session)
+            if stored is not None:
+                counts: dict[str, int] = {}
+                for pair in stored.module_pairs:
+                    counts[pair.decision] = counts.get(pair.decision, 0) + 1
+                return PairATC(
+                    source,
+                    target,
+                    stored.atc,
+                    stored.atc_left,
+                    stored.atc_right,
+                    assessment_id=stored.id,
+                    counts=tuple(sorted(counts.items())),
+                )
+        self.ctx.say(f"assessing {source} -> {target}")
+        src = self.ctx.workspace.base(self.snapshot.bases[source])
+        tgt = self.ctx.workspace.base(self.snapshot.bases[target])
+        try:
+            result = assess(src, tgt, self.ctx.settings)
+        except InputError as exc:
+            return PairATC(source, target, error=f"assessing {source} -> {target}: {exc}")
+        self.assessments[(source, target)] = result
+        atc = result.atc
+        assessment_id = None
+        if not self.dry_run and src_row is not None and tgt_row is not None:
+            row, _ = store_assessment(
+                src_row.id,
+                tgt_row.id,
+                self.parameters,
+                atc_left=atc.atc_left,
+                atc_right=atc.atc_right,
+                atc=atc.atc,
+                module_pairs=[
+                    ModulePair(
+                        source_module=d.source,
+                        target_module=d.target,
+                        phi_left=d.phi_left,
+                        phi_right=d.phi_right,
+                        transport_mass=d.mass,
+                        decision=d.decision.value,
+                        reason=d.reason,
+                    )
+                    for d in result.decisions
+                ],
+                timings={"assess_s": result.seconds},
+                session=session,
+            )
+            assessment_id = row.id
+        self.ctx.say(
+            f"ATC {source} -> {target}: {atc.atc:.3f} (left {atc.atc_left:.3f}, "
+            f"right {atc.atc_right:.3f}) in {result.seconds:.1f}s"
+        )
+        return PairATC(
+            source,
+            target,
+            atc.atc,
+            atc.atc_left,
+            atc.atc_right,
+            assessment_id=assessment_id,
+            computed=True,
+            counts=tuple(sorted(result.counts.items())),
+        )
+
+    # --- planning -----------------------------------------------------------------------
+    def propose(
+        self, successions: dict[VersionRef, list[VersionRef]], *, session: Session
+    ) -> list[Proposal]:
+        """The jobs to create: one per (lineage, target) that has none and no version there."""
+        proposals: list[Proposal] = []
+        ghosts = self.snapshot.ghost_bases()
+        lineages = self.snapshot.lineages()
+        for target, predecessors in successions.items():
+            sources = set(predecessors) | {g for g in ghosts if g.name == target.name}
+            tgt_row = find_base_version(target.name, target.version, session=session)
+            for lineage, entries in sorted(lineages.items()):
+                if any(e.base == target for e in entries):
+                    continue  # the lineage already has a version on the target
+                candidates = [e for e in entries if e.base in sources]
+                if not candidates:
+                    continue
+                if tgt_row is not None and job_for_lineage(lineage, tgt_row.id, session=session):
+                    continue
+                proposals.append(self._choose(lineage, candidates, target, session=session))
+        return proposals
+
+    def _choose(
+        self,
+        lineage: str,
+        candidates: Sequence[AdapterEntry],
+        target: VersionRef,
+        *,
+        session: Session,
+    ) -> Proposal:
+        scored = []
+        for entry in candidates:
+            assert entry.base is not None
+            scored.append((entry, self.pair_atc(entry.base, target, session=session)))
+
+        def rank(item: tuple[AdapterEntry, PairATC]) -> tuple[float, int, int]:
+            entry, pair = item
+            atc = pair.atc if pair.atc is not None else float("inf")
+            # lowest ATC; then an original over a transferred version; then the newest
+            return (atc, int(entry.transferred), -int(entry.ref.version))
+
+        entry, pair = min(scored, key=rank)
+        shown = tuple((str(e.ref), p.atc) for e, p in scored)
+        if pair.atc is None:
+            decision, reason = JobStatus.SKIPPED, pair.error or "no ATC"
+        else:
+            decision, reason = policy_decision(pair.atc, self.ctx.settings)
+            if len(scored) > 1:
+                reason += f"; source {entry.ref} chosen among {len(scored)} versions (lowest ATC)"
+        return Proposal(lineage, entry, target, pair, decision, reason, shown)

@@ -1,0 +1,267 @@
+"""``run_once``: the one pass that the scheduler, ``migrator tick``, ``migrator plan`` and the
+tests all call.
+
+discover base and adapter versions -> apply succession rules and tag predecessors deprecated ->
+assess each (source, target) pair once -> plan one job per adapter lineage and target under the
+approval policy -> claim and execute approved jobs -> report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db import (
+    BaseModelVersion,
+    BaseStatus,
+    apply_policy_decision,
+    claim,
+    deprecate_base,
+    find_adapter_version,
+    find_base_version,
+    get_or_create_adapter_version,
+    get_or_create_base_version,
+    get_or_create_job,
+    session_scope,
+)
+from migrator.pipeline.context import Context
+from migrator.pipeline.execution import JobOutcome
+from migrator.pipeline.planning import PairATC, Planner, Proposal
+from migrator.pipeline.snapshot import Snapshot, read_registry
+from migrator.registry import Tag, VersionRef
+
+__all__ = ["PlannedJob", "TickReport", "execute_runnable", "run_once"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job planned in this pass (or that would be, in a dry run)."""
+
+    job_id: int | None
+    adapter: str
+    lineage: str
+    source_base: str
+    target_base: str
+    atc: float | None
+    decision: str
+    reason: str
+
+
+@dataclass
+class TickReport:
+    """What one pass saw and did."""
+
+    dry_run: bool
+    bases: int = 0
+    adapters: int = 0
+    deprecated: list[tuple[str, str]] = field(default_factory=list)
+    assessments: list[dict[str, object]] = field(default_factory=list)
+    planned: list[PlannedJob] = field(default_factory=list)
+    outcomes: list[JobOutcome] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        done: dict[str, int] = {}
+        for outcome in self.outcomes:
+            done[outcome.status] = done.get(outcome.status, 0) + 1
+        decided: dict[str, int] = {}
+        for job in self.planned:
+            decided[job.decision] = decided.get(job.decision, 0) + 1
+        return (
+            f"{self.bases} bases, {self.adapters} adapters; {len(self.deprecated)} deprecated; "
+            f"{len(self.assessments)} assessed; planned {decided or 0}; jobs {done or 0}; "
+            f"{len(self.problems)} problems"
+        )
+
+
+def _weights_digest(ctx: Context, planner: Planner, ref: VersionRef) -> str:
+    base = ctx.workspace.base(planner.snapshot.bases[ref])
+    h = hashlib.sha256()
+    for name in base.modules:
+        h.update(f"{name}={base.source.digest(name)};".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _record_catalog(ctx: Context, snapshot: Snapshot, planner: Planner, session: Session) -> None:
+    """Base and adapter versions into the job database (idempotent)."""
+    for ref in sorted(snapshot.bases):
+        row = get_or_create_base_version(ref.name, ref.version, session=session)
+        if row.status is BaseStatus.MISSING:
+            row.status = BaseStatus.ACTIVE
+        if row.weights_digest is None and planner.base_problem(ref) is None:
+            row.weights_digest = _weights_digest(ctx, planner, ref)
+    for ref in sorted(snapshot.ghost_bases()):
+        row = get_or_create_base_version(ref.name, ref.version, session=session)
+        if row.weights_digest is None:
+            row.status = BaseStatus.MISSING
+    for entry in snapshot.adapters.values():
+        assert entry.base is not None
+        if find_adapter_version(entry.ref.name, entry.ref.version, session=session) is not None:
+            continue
+        base_row = find_base_version(entry.base.name, entry.base.version, session=session)
+        assert base_row is not None
+        get_or_create_adapter_version(
+            entry.ref.name,
+            entry.ref.version,
+            base=base_row,
+            format=entry.format,
+            layout=None,
+            session=session,
+        )
+    session.flush()
+
+
+def _deprecate(
+    ctx: Context,
+    snapshot: Snapshot,
+    planner: Planner,
+    successions: dict[VersionRef, list[VersionRef]],
+    report: TickReport,
+    session: Session | None,
+) -> None:
+    """Tag (and record) each predecessor of a usable active base as deprecated by it."""
+    for target, predecessors in successions.items():
+        if not planner.usable(target):
+            continue
+        for ref in predecessors:
+            info = snapshot.bases.get(ref)
+            if info is None:
+                continue
+            tagged = info.tags.get(Tag.DEPRECATED) == "true"
+            if not tagged:
+                report.deprecated.append((str(ref), str(target)))
+                if session is not None:
+                    ctx.registry.set_tags(
+                        ref, {Tag.DEPRECATED: "true", Tag.SUPERSEDED_BY: str(target)}
+                    )
+                    ctx.say(f"{ref} deprecated: superseded by {target}")
+            if session is not None:
+                row = find_base_version(ref.name, ref.version, session=session)
+                if row is not None and row.status is not BaseStatus.DEPRECATED:
+                    deprecate_base(
+                        row, info.tags.get(Tag.SUPERSEDED_BY) or str(target), session=session
+                    )
+
+
+def _apply(ctx: Context, proposal: Proposal, session: Session) -> int:
+    s = ctx.settings
+    adapter = find_adapter_version(
+        proposal.adapter.ref.name, proposal.adapter.ref.version, session=session
+    )
+    target = find_base_version(proposal.target.name, proposal.target.version, session=session)
+    source = find_base_version(
+        proposal.source_base.name, proposal.source_base.version, session=session
+    )
+    assert adapter is not None and target is not None and source is not None
+    job, created = get_or_create_job(
+        adapter.id,
+        target.id,
+        source_base_id=source.id,
+        assessment_id=proposal.pair.assessment_id,
+        atc=proposal.pair.atc,
+        mode=s.transfer_mode,
+        max_attempts=s.max_attempts,
+        session=session,
+    )
+    if created:
+        apply_policy_decision(
+            job.id,
+            proposal.decision,
+            reason=proposal.reason,
+            atc=proposal.pair.atc,
+            session=session,
+        )
+    return job.id
+
+
+def _assessment_row(pair: PairATC) -> dict[str, object]:
+    return {
+        "source": str(pair.source),
+        "target": str(pair.target),
+        "atc": pair.atc,
+        "atc_left": pair.atc_left,
+        "atc_right": pair.atc_right,
+        "error": pair.error,
+        "computed": pair.computed,
+        "modules": dict(pair.counts),
+    }
+
+
+def execute_runnable(ctx: Context, report: TickReport) -> None:
+    """Claim approved jobs in batches and execute them until none is left or a stop is asked."""
+    s = ctx.settings
+    while not ctx.stop.requested:
+        with session_scope(ctx.sessions) as session:
+            ids = [
+                job.id
+                for job in claim(
+                    s.worker_id, limit=s.claim_batch, lease_seconds=s.lease_s, session=session
+                )
+            ]
+        if not ids:
+            return
+        from migrator.executor import executor_for
+
+        report.outcomes.extend(executor_for(ctx).run(ctx, ids))
+
+
+def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> TickReport:
+    """One full pass. With ``dry_run`` nothing is written: not the registry, not the database
+    (the factorization cache may still fill: it is a cache)."""
+    report = TickReport(dry_run=dry_run)
+    snapshot = read_registry(ctx.registry)
+    report.bases, report.adapters = len(snapshot.bases), len(snapshot.adapters)
+    report.problems.extend(snapshot.problems)
+    with session_scope(ctx.sessions) as session:
+        known = frozenset(
+            VersionRef(row.name, row.version)
+            for row in session.scalars(
+                select(BaseModelVersion).where(BaseModelVersion.weights_digest.is_not(None))
+            )
+        )
+    planner = Planner(ctx, snapshot, dry_run=dry_run, known_usable=known)
+    successions = snapshot.successions(planner.usable)
+    if dry_run:
+        with session_scope(ctx.sessions) as session:
+            _deprecate(ctx, snapshot, planner, successions, report, None)
+            proposals = planner.propose(successions, session=session)
+            session.rollback()
+        report.planned = [_planned(None, p) for p in proposals]
+    else:
+        with session_scope(ctx.sessions) as session:
+            _record_catalog(ctx, snapshot, planner, session)
+            _deprecate(ctx, snapshot, planner, successions, report, session)
+        with session_scope(ctx.sessions) as session:
+            proposals = planner.propose(successions, session=session)
+            report.planned = [_planned(_apply(ctx, p, session), p) for p in proposals]
+        for p in report.planned:
+            ctx.say(f"planned {p.adapter} -> {p.target_base}: {p.decision} ({p.reason})")
+    report.assessments = [_assessment_row(pair) for pair in planner.pairs]
+    report.problems.extend(planner.base_problems)
+    if execute and not dry_run:
+        execute_runnable(ctx, report)
+    for problem in report.problems:
+        log.warning("registry content: %s", problem)
+    return report
+
+
+def _planned(job_id: int | None, p: Proposal) -> PlannedJob:
+    return PlannedJob(
+        job_id=job_id,
+        adapter=str(p.adapter.ref),
+        lineage=p.lineage,
+        source_base=str(p.source_base),
+        target_base=str(p.target),
+        atc=p.pair.atc,
+        decision=p.decision.value,
+        reason=p.reason,
+    )
