@@ -54,6 +54,14 @@ class LoraModule:
         source_key: the key prefix the module had in its file, so a writer can keep it.
         weight_shape: shape of the base weight as stored (4-D for a 1x1 convolution), so a writer
             can restore the original tensor shapes; None means plain 2-D.
+
+    Compact modules: a compact LoRA-X read without its base (adapter kind ``LORAX_COMPACT``)
+    has no U_r / V_r to expand with. Its module holds ``ds`` and ``base_digest``, and ``up`` /
+    ``down`` are shape-only placeholders on the ``meta`` device, (m, r) and (r, n) with r the
+    size of dS, so names, shapes and ranks work as usual while no values exist.
+    :attr:`is_compact` tells them apart; :meth:`delta` refuses them and :meth:`energy` is
+    ||dS||_F^2 (exact, because U_r and V_r are orthonormal). Build them with :meth:`from_ds`;
+    ``core.formats.decode_compact`` expands them against their base.
     """
 
     name: str
@@ -72,6 +80,53 @@ class LoraModule:
                 f"{tuple(self.down.shape)} do not form a LoRA pair (m, r) x (r, n)"
             )
 
+    @classmethod
+    def from_ds(
+        cls,
+        name: str,
+        ds: torch.Tensor,
+        shape: tuple[int, int],
+        base_digest: str,
+        *,
+        source_key: str | None = None,
+        weight_shape: tuple[int, ...] | None = None,
+    ) -> LoraModule:
+        """A compact LoRA-X module: dS plus the digest of its base, with placeholder up/down.
+
+        Args:
+            name: module name.
+            ds: dS, (r,) diagonal or (r, r) full.
+            shape: (m, n) of the base weight (2-D view).
+            base_digest: digest of the base tensor dS was trained on.
+            source_key: key prefix in the file it came from, if any.
+            weight_shape: stored shape of the base weight when it is not 2-D.
+
+        Returns:
+            A module with ``is_compact`` True.
+
+        Raises:
+            ValueError: when ds is neither (r,) nor (r, r).
+        """
+        if ds.ndim not in (1, 2) or (ds.ndim == 2 and ds.shape[0] != ds.shape[1]):
+            raise ValueError(f"module {name}: dS must be (r,) or (r, r), got {tuple(ds.shape)}")
+        r = int(ds.shape[0])
+        m, n = shape
+        return cls(
+            name=name,
+            up=torch.empty((m, r), device="meta"),
+            down=torch.empty((r, n), device="meta"),
+            scale=1.0,
+            ds=ds,
+            base_digest=base_digest,
+            source_key=source_key,
+            weight_shape=weight_shape,
+        )
+
+    @property
+    def is_compact(self) -> bool:
+        """True for a compact LoRA-X module (placeholder up/down, values only in ``ds``)."""
+        return self.up.is_meta or self.down.is_meta
+
     @property
     def rank(self) -> int:
         """r."""
@@ -84,11 +139,20 @@ class LoraModule:
 
     def delta(self) -> torch.Tensor:
         """dW = scale * up @ down, shape (m, n). Forms the full matrix: for tests and small
-        modules; the transfer code never calls it."""
+        modules; the transfer code never calls it.
+
+        Raises:
+            ValueError: for a compact module (no U_r / V_r to expand with)."""
+        if self.is_compact:
+            raise ValueError(f"module {self.name} is compact: decode it against its base first")
         return self.scale * (self.up.float() @ self.down.float())
 
     def energy(self) -> float:
-        """||dW||_F^2 computed in r x r products: trace((B^T B)(A A^T)) * scale^2."""
+        """||dW||_F^2 computed in r x r products: trace((B^T B)(A A^T)) * scale^2 (for a compact
+        module, ||dS||_F^2)."""
+        if self.is_compact:
+            assert self.ds is not None
+            return float(self.ds.double().square().sum()) * self.scale**2
         up, down = self.up.double(), self.down.double()
         gram = (up.T @ up) * (down @ down.T)
         return float(gram.sum()) * self.scale**2

@@ -13,13 +13,17 @@ from pathlib import Path
 __all__ = [
     "BaseMismatchError",
     "CorruptFileError",
+    "FactorizationError",
     "InputError",
     "LoraxError",
     "MissingModuleError",
     "NonFiniteError",
     "PickleRefusedError",
     "ShapeMismatchError",
+    "SubspaceError",
+    "TransportError",
     "UnknownLayoutError",
+    "UnpairedTensorError",
 ]
 
 
@@ -75,3 +79,20 @@ class MissingModuleError(InputError):
 
 class BaseMismatchError(InputError):
     """A compact LoRA-X decoded against a base tensor other than the one it was trained on."""
+
+
+class UnpairedTensorError(InputError):
+    """A LoRA half without its partner: a down/A tensor without its up/B, or the reverse."""
+
+
+class FactorizationError(LoraxError):
+    """An SVD that failed to converge or returned non-finite factors for a finite matrix."""
+
+
+class TransportError(LoraxError):
+    """The optimal-transport solver did not reach an optimal plan (``ot.emd`` result code)."""
+
+
+class SubspaceError(InputError):
+    """An adapter module that is not a LoRA-X of the given base: its update leaves the span of the
+    base's leading singular vectors, so it has no compact (dS) form there."""

@@ -1,0 +1,243 @@
+"""Mapping an adapter's module names onto a base model's module names, with a coverage report.
+
+Rules, in order, for each adapter module (base names are weight keys without ``.weight``):
+
+1. exact: the module's name is a base module name;
+2. suffix: the names differ only by wrapper prefixes: the longest base name that is a dotted
+   suffix of the module's name (``base_model.model.encoder.x`` -> ``encoder.x``), else the one
+   base name of which the module's name is a dotted suffix (``down_blocks.0...`` ->
+   ``unet.down_blocks.0...``; several such base names make the module *ambiguous*);
+3. kohya: for a kohya stem (``lora_unet_down_blocks_0_...``), the base module whose underscored
+   name, after the component the prefix names (``lora_unet_`` -> ``unet.``, ``lora_te_`` /
+   ``lora_te1_`` -> ``text_encoder.``, ``lora_te2_`` -> ``text_encoder_2.``) or bare (a base that is
+   the component itself), equals the stem's remainder; two base names with the same underscored
+   form make it ambiguous.
+
+A matched module must have the base module's (m, n) shape. Two adapter modules on one base module
+are a conflict: the second is reported as a duplicate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from core.adapter import LoraAdapter, LoraModule
+from core.errors import MissingModuleError, ShapeMismatchError
+from core.formats.naming import KOHYA_COMPONENTS, split_component, split_kohya_stem, underscored
+
+__all__ = [
+    "CoverageReport",
+    "MatchRule",
+    "ModuleMatch",
+    "UnmatchedModule",
+    "UnmatchedReason",
+    "resolve_modules",
+]
+
+
+class MatchRule(StrEnum):
+    """How an adapter module was matched to a base module."""
+
+    EXACT = "exact"
+    SUFFIX = "suffix"  # differs only by wrapper prefixes
+    KOHYA = "kohya"  # underscored kohya stem
+
+
+class UnmatchedReason(StrEnum):
+    """Why an adapter module has no base module."""
+
+    NO_SUCH_MODULE = "no such module"
+    SHAPE_MISMATCH = "shape mismatch"
+    AMBIGUOUS = "ambiguous"
+    DUPLICATE = "duplicate"  # another adapter module already adapts that base module
+
+
+@dataclass(frozen=True)
+class ModuleMatch:
+    """One adapter module matched to a base module."""
+
+    adapter_name: str
+    base_name: str
+    rule: MatchRule
+
+
+@dataclass(frozen=True)
+class UnmatchedModule:
+    """One adapter module left out, with the reason in words (candidates, shapes)."""
+
+    adapter_name: str
+    reason: UnmatchedReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class CoverageReport:
+    """How an adapter covers a base model.
+
+    Attributes:
+        matched: adapter modules matched to base modules, in adapter order.
+        unmatched: adapter modules left out, with reasons.
+        untouched: targeted base modules (all given base modules unless ``targeted`` was passed)
+            that no adapter module adapts, in base order.
+    """
+
+    matched: tuple[ModuleMatch, ...]
+    unmatched: tuple[UnmatchedModule, ...]
+    untouched: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        """True when every adapter module found its base module."""
+        return not self.unmatched
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready form."""
+        return {
+            "matched": [dataclasses.asdict(m) for m in self.matched],
+            "unmatched": [dataclasses.asdict(u) for u in self.unmatched],
+            "untouched": list(self.untouched),
+        }
+
+
+@dataclass(frozen=True)
+class _Index:
+    names: frozenset[str]
+    by_suffix: Mapping[str, tuple[str, ...]]  # proper dotted suffix -> base names ending in it
+    by_kohya: Mapping[tuple[str | None, str], tuple[str, ...]]  # (component, underscored) -> names
+
+
+def _index(base_names: Iterable[str]) -> _Index:
+    by_suffix: dict[str, list[str]] = {}
+    by_kohya: dict[tuple[str | None, str], list[str]] = {}
+    names = list(base_names)
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            by_suffix.setdefault(".".join(parts[i:]), []).append(name)
+        component, rest = split_component(name)
+        by_kohya.setdefault((component, underscored(rest)), []).append(name)
+        if component is not None:  # also bare: a model whose first segment merely looks like one
+            by_kohya.setdefault((None, underscored(name)), []).append(name)
+    return _Index(
+        names=frozenset(names),
+        by_suffix={k: tuple(v) for k, v in by_suffix.items()},
+        by_kohya={k: tuple(v) for k, v in by_kohya.items()},
+    )
+
+
+def _candidates(name: str, index: _Index) -> tuple[tuple[str, ...], MatchRule | None]:
+    """Base names the adapter module ``name`` may adapt, and the rule that found them."""
+    if name in index.names:
+        return (name,), MatchRule.EXACT
+    parts = name.split(".")
+    for i in range(1, len(parts)):  # longest dotted suffix of the adapter name that is a base name
+        suffix = ".".join(parts[i:])
+        if suffix in index.names:
+            return (suffix,), MatchRule.SUFFIX
+    longer = index.by_suffix.get(name, ())
+    if longer:
+        return longer, MatchRule.SUFFIX
+    split = split_kohya_stem(name) if "." not in name else None
+    if split is not None:
+        prefix, rest = split
+        found = index.by_kohya.get((KOHYA_COMPONENTS[prefix], rest), ()) + index.by_kohya.get(
+            (None, rest), ()
+        )
+        if found:
+            return found, MatchRule.KOHYA
+    return (), None
+
+
+def resolve_modules(
+    adapter: LoraAdapter,
+    base_modules: Mapping[str, tuple[int, int]],
+    *,
+    strict: bool = True,
+    targeted: Iterable[str] | None = None,
+) -> tuple[LoraAdapter, CoverageReport]:
+    """Rename an adapter's modules to the base's module names and check their shapes.
+
+    Args:
+        adapter: the adapter as read (names as its file implies).
+        base_modules: base module name -> (m, n) weight shape (2-D view; a 1x1 convolution's
+            (out, in)). Pass every adaptable module of the base, not only the selected ones, so
+            that "no such module" means what it says.
+        strict: raise on the first problem; False drops unmatched modules and reports them.
+        targeted: base modules a selector targets, for ``untouched`` (default: all of
+            ``base_modules``).
+
+    Returns:
+        (the adapter with modules renamed to base names, in adapter order; the coverage report).
+        ``source_key`` is kept, so writers still produce the file's own keys.
+
+    Raises:
+        MissingModuleError: (strict) a module matching no base module, or ambiguously, or a
+            second module on the same base module; names the adapter file and module.
+        ShapeMismatchError: (strict) a matched module whose shape is not the base's; names the
+            module, the expected and the actual shape.
+    """
+    index = _index(base_modules)
+    matched: list[ModuleMatch] = []
+    unmatched: list[UnmatchedModule] = []
+    renamed: dict[str, LoraModule] = {}
+    owner: dict[str, str] = {}
+    for name, module in adapter.modules.items():
+        found, rule = _candidates(name, index)
+        problem: UnmatchedModule | None = None
+        if not found or rule is None:
+            problem = UnmatchedModule(
+                name, UnmatchedReason.NO_SUCH_MODULE, "matches no base module"
+            )
+        elif len(found) > 1:
+            shown = ", ".join(sorted(found)[:4])
+            problem = UnmatchedModule(
+                name, UnmatchedReason.AMBIGUOUS, f"matches {len(found)} base modules: {shown}"
+            )
+        elif tuple(base_modules[found[0]]) != module.shape:
+            problem = UnmatchedModule(
+                name,
+                UnmatchedReason.SHAPE_MISMATCH,
+                f"base module {found[0]} has shape {tuple(base_modules[found[0]])}, "
+                f"the adapter's update has shape {module.shape}",
+            )
+        elif found[0] in owner:
+            problem = UnmatchedModule(
+                name,
+                UnmatchedReason.DUPLICATE,
+                f"base module {found[0]} is already adapted by {owner[found[0]]}",
+            )
+        if problem is not None:
+            if strict:
+                _raise(adapter, module, problem)
+            unmatched.append(problem)
+            continue
+        assert rule is not None
+        base_name = found[0]
+        owner[base_name] = name
+        matched.append(ModuleMatch(name, base_name, rule))
+        renamed[base_name] = (
+            module if module.name == base_name else dataclasses.replace(module, name=base_name)
+        )
+    wanted = list(base_modules) if targeted is None else list(targeted)
+    report = CoverageReport(
+        matched=tuple(matched),
+        unmatched=tuple(unmatched),
+        untouched=tuple(n for n in wanted if n not in owner),
+    )
+    return dataclasses.replace(adapter, modules=renamed), report
+
+
+def _raise(adapter: LoraAdapter, module: LoraModule, problem: UnmatchedModule) -> None:
+    key = module.source_key or problem.adapter_name
+    if problem.reason is UnmatchedReason.SHAPE_MISMATCH:
+        raise ShapeMismatchError(
+            f"does not fit the base: {problem.detail}", path=adapter.source, key=key
+        )
+    raise MissingModuleError(
+        f"{problem.reason.value}: {problem.detail} (is the adapter for another model?)",
+        path=adapter.source,
+        key=key,
+    )
