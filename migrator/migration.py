@@ -36,6 +36,7 @@ __all__ = [
     "BaseModel",
     "LoadedAdapter",
     "Migrated",
+    "NothingToTransferError",
     "ProgressFn",
     "assess",
     "assessment_parameters",
@@ -48,6 +49,10 @@ __all__ = [
 ]
 
 ProgressFn = Callable[[int, int, str], None]
+
+
+class NothingToTransferError(InputError):
+    """No module of the adapter clears the module similarity threshold on the target."""
 
 
 def role_rule(settings: Settings) -> RoleRule:
@@ -240,6 +245,12 @@ def migrate(
         rank=rank,
         atc=None if assessment is None else assessment.atc,
     )
+    if result.modules_transferred == 0:
+        raise NothingToTransferError(
+            f"no module of the adapter reaches a module of {target.label} with similarity >= "
+            f"module_min_similarity ({settings.module_min_similarity}); nothing to transfer",
+            path=loaded.path,
+        )
     out = result.adapter
     if loaded.input_kind is AdapterKind.LORAX_COMPACT:
         out = encode_compact(out, _full_factors(target, out.modules))

@@ -36,13 +36,9 @@ from migrator.pipeline.context import Context, crash_point
 from migrator.registry import ModelVersionInfo, RunInfo, Tag, VersionRef
 from migrator.reports import TransferSummary, plot_similarity, version_description
 
-__all__ = ["JobOutcome", "LeaseKeeper", "NothingToTransferError", "execute_job"]
+__all__ = ["JobOutcome", "LeaseKeeper", "execute_job"]
 
 log = logging.getLogger(__name__)
-
-
-class NothingToTransferError(InputError):
-    """No module of the adapter clears the module similarity threshold on the target."""
 
 
 @dataclass(frozen=True)
@@ -183,12 +179,6 @@ def _transfer_and_register(ctx: Context, refs: _JobRefs, lease: LeaseKeeper) -> 
     crash_point("mid_transfer")
     migrated = migrate(loaded, source, target, assessment, s, mode=refs.mode)
     result = migrated.result
-    if result.modules_transferred == 0:
-        raise NothingToTransferError(
-            f"no module of the adapter clears module_min_similarity "
-            f"{s.module_min_similarity} on {refs.target}",
-            path=str(refs.adapter),
-        )
     out = s.scratch / "jobs" / str(refs.job_id)
     if out.exists():
         shutil.rmtree(out)

@@ -1,0 +1,373 @@
+"""Admin commands: approvals, jobs, lineage. Every change writes an audit row (who, when, why)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+from rich.tree import Tree
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db import (
+    AdapterVersion,
+    JobStatus,
+    Lineage,
+    TransferJob,
+    ancestors,
+    approve,
+    audit_trail,
+    descendants,
+    find_adapter_version,
+    force,
+    get_job,
+    list_jobs,
+    pending_approvals,
+    reject,
+    retry,
+    session_scope,
+)
+from migrator.cli.common import (
+    EXIT_BAD_INPUT,
+    actor,
+    emit_json,
+    fail,
+    fmt_atc,
+    guarded,
+    out,
+    state,
+    table,
+)
+from migrator.database import prepare_database
+from migrator.pipeline import Context
+from migrator.registry import VersionRef
+
+__all__ = ["approvals_app", "jobs_app", "lineage_command"]
+
+approvals_app = typer.Typer(
+    help="Transfers waiting for an admin: list, approve, reject.", no_args_is_help=True
+)
+jobs_app = typer.Typer(help="Transfer jobs: list, show, retry, force.", no_args_is_help=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+BY_OPTION = typer.Option(None, "--by", help="Who acts (default: the OS user).")
+
+
+def _sessions() -> Context:
+    settings = state.settings()
+    prepare_database(settings.database)
+    return Context.create(settings)
+
+
+def job_document(job: TransferJob) -> dict[str, object]:
+    return {
+        "id": job.id,
+        "status": job.status.value,
+        "adapter": job.adapter_version.ref,
+        "source_base": job.source_base.ref,
+        "target_base": job.target_base.ref,
+        "atc": job.atc,
+        "mode": job.mode,
+        "policy_decision": None if job.policy_decision is None else job.policy_decision.value,
+        "policy_reason": job.policy_reason,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "next_attempt_at": job.next_attempt_at,
+        "last_error": job.last_error,
+        "lease_owner": job.lease_owner,
+        "lease_expires_at": job.lease_expires_at,
+        "result": job.result_ref,
+        "mlflow_run_id": job.mlflow_run_id,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }
+
+
+def _jobs_table(title: str, jobs: list[TransferJob]) -> None:
+    table(
+        title,
+        [
+            "id",
+            "status",
+            "adapter",
+            "source base",
+            "target base",
+            "ATC",
+            "attempts",
+            "result / reason",
+        ],
+        [
+            [
+                j.id,
+                j.status.value,
+                j.adapter_version.ref,
+                j.source_base.ref,
+                j.target_base.ref,
+                fmt_atc(j.atc),
+                f"{j.attempts}/{j.max_attempts}",
+                j.result_ref or j.last_error or j.policy_reason or "",
+            ]
+            for j in jobs
+        ],
+    )
+
+
+def _act(
+    job_id: int,
+    action: Callable[..., TransferJob],
+    *,
+    by: str | None,
+    reason: str | None,
+    as_json: bool,
+    verb: str,
+) -> None:
+    ctx = _sessions()
+    with session_scope(ctx.sessions) as session:
+        job = action(job_id, actor(by), reason, session=session)
+        doc = job_document(job)
+    if as_json:
+        emit_json(doc)
+    else:
+        out.print(
+            f"job {job_id} {verb} by {actor(by)}: now {doc['status']}"
+            + (" (it runs on the next pass)" if doc["status"] == "approved" else "")
+        )
+
+
+@approvals_app.command("list")
+@guarded
+def approvals_list(as_json: bool = JSON_OPTION) -> None:
+    """Transfers waiting for approval (ATC between auto_approve_atc and max_atc)."""
+    ctx = _sessions()
+    with session_scope(ctx.sessions) as session:
+        jobs = list(pending_approvals(session=session))
+        docs = [job_document(j) for j in jobs]
+        if not as_json:
+            _jobs_table("waiting for approval", jobs)
+            if not jobs:
+                out.print("no transfer is waiting for approval")
+    if as_json:
+        emit_json(docs)
+
+
+@approvals_app.command("approve")
+@guarded
+def approvals_approve(
+    job_id: int = typer.Argument(..., help="Job id (see `migrator approvals list`)."),
+    by: str | None = BY_OPTION,
+    reason: str | None = typer.Option(None, "--reason", help="Why (kept in the audit trail)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Approve a pending transfer; it runs on the next pass."""
+    _act(job_id, approve, by=by, reason=reason, as_json=as_json, verb="approved")
+
+
+@approvals_app.command("reject")
+@guarded
+def approvals_reject(
+    job_id: int = typer.Argument(..., help="Job id."),
+    reason: str = typer.Option(..., "--reason", help="Why (required; kept in the audit trail)."),
+    by: str | None = BY_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Reject a pending transfer."""
+    if not reason.strip():
+        fail("a rejection needs a reason (--reason)", EXIT_BAD_INPUT)
+    _act(job_id, reject, by=by, reason=reason, as_json=as_json, verb="rejected")
+
+
+@jobs_app.command("list")
+@guarded
+def jobs_list(
+    status: list[str] = typer.Option(
+        None, "--status", "-s", help="Only these statuses (repeatable)."
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="At most this many."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Transfer jobs, oldest first."""
+    try:
+        statuses = [JobStatus(s) for s in status] if status else None
+    except ValueError:
+        fail(f"--status must be one of {', '.join(s.value for s in JobStatus)}", EXIT_BAD_INPUT)
+    ctx = _sessions()
+    with session_scope(ctx.sessions) as session:
+        jobs = list(list_jobs(session=session, statuses=statuses, limit=limit))
+        docs = [job_document(j) for j in jobs]
+        if not as_json:
+            _jobs_table("jobs", jobs)
+    if as_json:
+        emit_json(docs)
+
+
+@jobs_app.command("show")
+@guarded
+def jobs_show(
+    job_id: int = typer.Argument(..., help="Job id."), as_json: bool = JSON_OPTION
+) -> None:
+    """One job: its decision, attempts, result, module decisions and audit trail."""
+    ctx = _sessions()
+    with session_scope(ctx.sessions) as session:
+        job = get_job(job_id, session=session)
+        doc = job_document(job)
+        doc["audit"] = [
+            {
+                "action": e.action.value,
+                "actor": e.actor,
+                "reason": e.reason,
+                "from": e.from_status.value,
+                "to": e.to_status.value,
+                "at": e.at,
+            }
+            for e in audit_trail(job_id, session=session)
+        ]
+        pairs = job.assessment.module_pairs if job.assessment is not None else []
+        doc["modules"] = [
+            {
+                "target": p.target_module,
+                "source": p.source_module,
+                "phi_left": p.phi_left,
+                "phi_right": p.phi_right,
+                "decision": p.decision,
+                "reason": p.reason,
+            }
+            for p in pairs
+        ]
+    if as_json:
+        emit_json(doc)
+        return
+    table(
+        f"job {job_id}",
+        ["field", "value"],
+        [[k, v] for k, v in doc.items() if k not in ("audit", "modules")],
+    )
+    table(
+        "audit trail",
+        ["at", "action", "actor", "from -> to", "reason"],
+        [
+            [a["at"], a["action"], a["actor"], f"{a['from']} -> {a['to']}", a["reason"] or ""]
+            for a in doc["audit"]
+        ],
+    )  # type: ignore[union-attr]
+    if doc["modules"]:
+        table(
+            "module decisions",
+            ["target", "source", "phi left", "phi right", "decision"],
+            [
+                [
+                    m["target"],
+                    m["source"] or "-",
+                    fmt_atc(m["phi_left"]),
+                    fmt_atc(m["phi_right"]),
+                    m["decision"],
+                ]
+                for m in doc["modules"]
+            ],
+        )  # type: ignore[union-attr]
+
+
+@jobs_app.command("retry")
+@guarded
+def jobs_retry(
+    job_id: int = typer.Argument(..., help="Job id of a failed job."),
+    by: str | None = BY_OPTION,
+    reason: str | None = typer.Option(None, "--reason", help="Why (kept in the audit trail)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Retry a failed job (its attempts start again)."""
+    _act(job_id, retry, by=by, reason=reason, as_json=as_json, verb="retried")
+
+
+@jobs_app.command("force")
+@guarded
+def jobs_force(
+    job_id: int = typer.Argument(..., help="Job id of a skipped or rejected job."),
+    reason: str = typer.Option(..., "--reason", help="Why (required; kept in the audit trail)."),
+    by: str | None = BY_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Force a skipped (ATC above max_atc) or rejected job to run."""
+    if not reason.strip():
+        fail("forcing needs a reason (--reason)", EXIT_BAD_INPUT)
+    _act(job_id, force, by=by, reason=reason, as_json=as_json, verb="forced")
+
+
+def _versions_of(name: str, session: Session) -> list[AdapterVersion]:
+    rows = session.scalars(select(AdapterVersion).where(AdapterVersion.name == name)).all()
+    return sorted(rows, key=lambda a: int(a.version) if a.version.isdigit() else 0)
+
+
+def _parent_of(adapter_id: int, session: Session) -> tuple[str, int | None] | None:
+    edge = session.scalars(select(Lineage).where(Lineage.child_id == adapter_id)).first()
+    return None if edge is None else (edge.parent.ref, edge.job_id)
+
+
+@guarded
+def lineage_command(
+    what: str = typer.Argument(..., help="An adapter registered model NAME, or NAME/VERSION."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Where an adapter version came from and what was made from it (across bases)."""
+    ctx = _sessions()
+    try:
+        ref: VersionRef | None = VersionRef.parse(what)
+    except ValueError:
+        ref = None
+    with session_scope(ctx.sessions) as session:
+        if ref is not None and find_adapter_version(ref.name, ref.version, session=session) is None:
+            ref = None  # a name that merely ends in /<digits>
+        if ref is None:
+            versions = _versions_of(what, session)
+            if not versions:
+                fail(f"no adapter named {what!r} is known to the migrator", EXIT_BAD_INPUT)
+            doc: dict[str, object] = {
+                "name": what,
+                "versions": [
+                    {
+                        "version": v.ref,
+                        "base": v.base.ref,
+                        "origin": v.origin.value,
+                        "parent": (p := _parent_of(v.id, session)) and p[0],
+                        "job": p and p[1],
+                    }
+                    for v in versions
+                ],
+            }
+        else:
+            adapter = find_adapter_version(ref.name, ref.version, session=session)
+            assert adapter is not None
+            doc = {
+                "version": adapter.ref,
+                "base": adapter.base.ref,
+                "origin": adapter.origin.value,
+                "ancestors": [
+                    {"version": e.adapter.ref, "base": e.adapter.base.ref, "depth": e.depth}
+                    for e in ancestors(adapter.id, session=session)
+                ],
+                "descendants": [
+                    {"version": e.adapter.ref, "base": e.adapter.base.ref, "depth": e.depth}
+                    for e in descendants(adapter.id, session=session)
+                ],
+            }
+    if as_json:
+        emit_json(doc)
+        return
+    if "versions" in doc:
+        children: dict[str | None, list[dict[str, object]]] = {}
+        for v in doc["versions"]:  # type: ignore[attr-defined]
+            children.setdefault(v["parent"], []).append(v)
+        tree = Tree(f"[bold]{what}[/]")
+
+        def grow(node: Tree, parent: str | None) -> None:
+            for v in children.get(parent, []):
+                label = f"{v['version']} on {v['base']} ({v['origin']}"
+                label += f", job {v['job']})" if v["job"] else ")"
+                grow(node.add(label), str(v["version"]))
+
+        grow(tree, None)
+        out.print(tree)
+    else:
+        chain = [*reversed(doc["ancestors"]), {"version": doc["version"], "base": doc["base"]}]  # type: ignore[misc]
+        out.print(" -> ".join(f"{c['version']} ({c['base']})" for c in chain))
+        for d in doc["descendants"]:  # type: ignore[attr-defined]
+            out.print(f"{'  ' * int(d['depth'])}└ {d['version']} ({d['base']})")

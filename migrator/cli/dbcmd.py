@@ -1,0 +1,55 @@
+"""``migrator db upgrade|check``: the job database's schema."""
+
+from __future__ import annotations
+
+import typer
+
+from db import SchemaDriftError, migrations
+from migrator.cli.common import EXIT_FAILED, emit_json, guarded, out, state
+from migrator.pipeline.context import ensure_sqlite_parent
+
+__all__ = ["db_app"]
+
+db_app = typer.Typer(help="The job database's schema: upgrade it, check it.", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+@guarded
+def db_upgrade(
+    revision: str = typer.Argument("head", help="Target revision (default: head)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Migrate the job database (MIGRATOR_DATABASE_URL) to the code's schema."""
+    url = state.settings().database
+    ensure_sqlite_parent(url)
+    before = migrations.current(url)
+    migrations.upgrade(url, revision)
+    after = migrations.current(url)
+    if as_json:
+        emit_json({"from": before, "to": after, "head": migrations.head()})
+    else:
+        out.print(f"job database at {after} (was {before or 'empty'})")
+
+
+@db_app.command("check")
+@guarded
+def db_check(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Exit 0 when the job database is at head and matches the models; 1 otherwise."""
+    url = state.settings().database
+    current, head = migrations.current(url), migrations.head()
+    problem = None
+    if current != head:
+        problem = f"database at revision {current or 'none'}, code expects {head}: run `migrator db upgrade`"
+    else:
+        try:
+            migrations.check(url)
+        except SchemaDriftError as exc:
+            problem = str(exc)
+    if as_json:
+        emit_json({"revision": current, "head": head, "ok": problem is None, "problem": problem})
+    else:
+        out.print(problem or f"job database at head ({head}), no drift")
+    if problem:
+        raise typer.Exit(EXIT_FAILED)

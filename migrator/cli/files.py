@@ -1,0 +1,247 @@
+"""File-level commands: ``atc`` and ``transfer``, on local files or ``models:/name/version``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from core.errors import InputError
+from migrator.cli.common import (
+    EXIT_BAD_INPUT,
+    emit_json,
+    fail,
+    fmt_atc,
+    guarded,
+    out,
+    progress_bar,
+    state,
+    table,
+)
+from migrator.migration import (
+    BaseModel,
+    ProgressFn,
+    assess,
+    load_adapter,
+    migrate,
+    open_base,
+    write_migrated,
+)
+from migrator.registry import Tag, VersionRef
+from migrator.reports import plot_similarity
+from migrator.settings import Settings
+
+__all__ = ["atc_command", "transfer_command"]
+
+
+def _download(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str | None]:
+    """A ``models:/name/version`` spec downloaded to the scratch folder: (path, label,
+    weights sub-path)."""
+    from migrator.registry.mlflow_registry import MlflowRegistry
+
+    try:
+        ref = VersionRef.parse(spec)
+    except ValueError as exc:
+        raise InputError(str(exc), path=spec) from None
+    registry = MlflowRegistry(
+        settings.tracking,
+        settings.registry,
+        retries=settings.registry_retries,
+        backoff_s=settings.registry_backoff_s,
+    )
+    info = registry.get_version(ref)
+    dest = settings.scratch / "cli" / kind / ref.name / ref.version
+    local = registry.download(ref, dest)
+    return local, str(ref), info.tags.get(Tag.WEIGHTS_PATH) or None
+
+
+def _local(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str | None]:
+    if spec.startswith("models:/"):
+        return _download(spec, settings, kind)
+    path = Path(spec)
+    if not path.exists():
+        raise InputError("no such file or folder", path=path)
+    return path, spec, None
+
+
+def _open(spec: str, settings: Settings, progress: ProgressFn | None) -> BaseModel:
+    path, label, weights_path = _local(spec, settings, "bases")
+    return open_base(path, settings, label=label, weights_path=weights_path, progress=progress)
+
+
+@guarded
+def atc_command(
+    source: str = typer.Argument(
+        ..., help="Source base: safetensors file, folder, or models:/name/version."
+    ),
+    target: str = typer.Argument(..., help="Target base, same forms."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write the similarity heatmap (PNG) here."
+    ),
+    rank: int | None = typer.Option(
+        None, "--rank", "-k", help="Similarity rank k (default: the similarity_rank setting)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Adapter Transferability Cost of SOURCE -> TARGET, with every module's match."""
+    settings = state.settings()
+    if rank is not None:
+        settings = settings.model_copy(update={"similarity_rank": rank})
+    with progress_bar("factorizing", enabled=not as_json) as progress:
+        src = _open(source, settings, progress)
+        tgt = _open(target, settings, progress)
+        assessment = assess(src, tgt, settings)
+    atc = assessment.atc
+    modules = [
+        {
+            "target": d.target,
+            "source": d.source,
+            "phi_left": round(d.phi_left, 6),
+            "phi_right": round(d.phi_right, 6),
+            "decision": d.decision.value,
+            "phi": round(d.phi, 6),
+            "transport_mass": d.mass,
+            "reason": d.reason,
+        }
+        for d in assessment.decisions
+    ]
+    if plot is not None:
+        matches = [
+            (atc.source_index(d.source), atc.target_index(d.target))
+            for d in assessment.decisions
+            if d.source is not None and d.decision.value != "skipped"
+        ]
+        plot_similarity(
+            atc.phi_left,
+            atc.phi_right,
+            atc.source_names,
+            atc.target_names,
+            plot,
+            title=f"{src.label} -> {tgt.label}: ATC {atc.atc:.3f}",
+            matches=matches,
+        )
+    if as_json:
+        emit_json(
+            {
+                "atc": atc.atc,
+                "atc_left": atc.atc_left,
+                "atc_right": atc.atc_right,
+                "similarity_rank": atc.k,
+                "combine": atc.combine.value,
+                "source": src.label,
+                "target": tgt.label,
+                "seconds": round(assessment.seconds, 3),
+                "modules": modules,
+                "plot": None if plot is None else str(plot),
+            }
+        )
+        return
+    table(
+        f"{src.label} -> {tgt.label}",
+        ["target module", "source module", "phi left", "phi right", "decision"],
+        [
+            [
+                m["target"],
+                m["source"] or "-",
+                f"{m['phi_left']:.3f}",
+                f"{m['phi_right']:.3f}",
+                m["decision"],
+            ]
+            for m in modules
+        ],
+    )
+    counts = assessment.counts
+    out.print(
+        f"ATC [bold]{atc.atc:.3f}[/] (left {atc.atc_left:.3f}, right {atc.atc_right:.3f}; "
+        f"k = {atc.k}); modules: {counts['same_name']} same name, {counts['rematched']} "
+        f"rematched, {counts['skipped']} skipped" + (f"; heatmap: {plot}" if plot else "")
+    )
+
+
+@guarded
+def transfer_command(
+    adapter: str = typer.Argument(
+        ...,
+        help="PEFT folder, kohya/diffusers .safetensors, compact LoRA-X file, or models:/name/version.",
+    ),
+    source: str = typer.Option(..., "--from", help="The base the adapter was trained on."),
+    target: str = typer.Option(..., "--to", help="The base to carry it to."),
+    output: Path = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        help="Where to write the result (a folder, or a .safetensors file for single-file layouts).",
+    ),
+    mode: str = typer.Option(
+        "project",
+        "--mode",
+        help="project (full-rank projection, paper Algorithm 1), subspace (k = r) or copy.",
+    ),
+    rank: int | None = typer.Option(
+        None, "--rank", help="k of the projection in project mode (default: full thin rank)."
+    ),
+    match: bool = typer.Option(
+        True,
+        "--match/--same-name",
+        help="Match modules by subspace similarity (default), or carry each to the module of the same name.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Carry ADAPTER from base --from to base --to, training-free; write it in its own layout."""
+    if mode not in ("project", "subspace", "copy"):
+        fail(f"--mode must be project, subspace or copy, not {mode!r}", EXIT_BAD_INPUT)
+    settings = state.settings()
+    with progress_bar("factorizing", enabled=not as_json) as progress:
+        src = _open(source, settings, progress)
+        tgt = _open(target, settings, progress)
+        adapter_path, _, _ = _local(adapter, settings, "adapters")
+        loaded = load_adapter(adapter_path, src, settings)
+        assessment = assess(src, tgt, settings) if match else None
+        migrated = migrate(loaded, src, tgt, assessment, settings, mode=mode, rank=rank)
+    result = migrated.result
+    like = adapter_path if adapter_path.is_file() else None
+    if (
+        like is None
+        and adapter_path.is_dir()
+        and not (adapter_path / "adapter_config.json").exists()
+    ):
+        singles = list(adapter_path.glob("*.safetensors"))
+        like = singles[0] if len(singles) == 1 else None
+    files = write_migrated(migrated, output, like=like)
+    atc = None if assessment is None else assessment.atc
+    document = {
+        "modules_transferred": result.modules_transferred,
+        "modules_rematched": result.modules_rematched,
+        "modules_skipped": result.modules_skipped,
+        "energy_retained": result.energy_retained,
+        "atc": None if atc is None else atc.atc,
+        "atc_left": None if atc is None else atc.atc_left,
+        "atc_right": None if atc is None else atc.atc_right,
+        "adapter_weighted_similarity": result.adapter_weighted_similarity,
+        "mode": result.mode.value,
+        "is_lorax": result.is_lorax,
+        "layout": migrated.layout.value,
+        "files": [str(f) for f in files],
+        "notes": list(result.notes),
+    }
+    if as_json:
+        emit_json(document)
+        return
+    table(
+        f"{adapter}: {src.label} -> {tgt.label} ({result.mode.value})",
+        ["modules transferred", "rematched", "skipped", "energy retained", "ATC"],
+        [
+            [
+                result.modules_transferred,
+                result.modules_rematched,
+                result.modules_skipped,
+                f"{result.energy_retained:.1%}",
+                fmt_atc(document["atc"]),
+            ]
+        ],
+    )
+    for note in result.notes:
+        out.print(f"note: {note}")
+    if not result.is_lorax:
+        out.print("note: the input is a plain LoRA, not a LoRA-X: expect a weaker transfer")
+    out.print(f"wrote {', '.join(str(f) for f in files)}")

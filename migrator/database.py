@@ -1,0 +1,64 @@
+"""The job database as the service uses it: create the embedded one, refuse a stale schema,
+wait for a database that is not up yet."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
+
+from db import make_engine, migrations
+from migrator.daemon import StopToken
+from migrator.pipeline.context import ensure_sqlite_parent
+
+__all__ = ["prepare_database", "wait_for_database"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_database(url: str) -> None:
+    """Make the database ready to use, or say why not.
+
+    An empty embedded SQLite database is created at head (nothing to lose, nobody to ask); any
+    other database must already be at head (``migrator db upgrade``).
+
+    Raises:
+        DatabaseNotAtHeadError: a database at another revision.
+        OperationalError: the database cannot be reached.
+    """
+    ensure_sqlite_parent(url)
+    if url.startswith("sqlite") and migrations.current(url) is None:
+        engine = make_engine(url)
+        try:
+            empty = not inspect(engine).get_table_names()
+        finally:
+            engine.dispose()
+        if empty:
+            log.info("creating the job database %s", url)
+            migrations.upgrade(url)
+    migrations.ensure_at_head(url)
+
+
+def wait_for_database(url: str, stop: StopToken, *, first_delay_s: float = 1.0) -> bool:
+    """Retry :func:`prepare_database` with backoff while the database is unreachable.
+
+    Returns:
+        True once ready; False if a stop was requested first.
+    """
+    delay = first_delay_s
+    while True:
+        try:
+            prepare_database(url)
+            return True
+        except OperationalError as exc:
+            log.warning(
+                "job database unreachable (%s); retrying in %.0fs",
+                str(exc.orig).splitlines()[0],
+                delay,
+            )
+        if stop.wait(delay):
+            return False
+        delay = min(delay * 2, 60.0)
+        time.sleep(0)
