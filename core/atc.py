@@ -1,0 +1,332 @@
+"""Adapter Transferability Cost between two base models (section 4.2.4, appendix D).
+
+Source modules i = 1..S, target modules j = 1..T. With Phi_ij the subspace similarity of
+(W_s^i, W_t^j) at rank k (eq. 4, or eq. 5 when weighted; 0 for invalid pairs), the cost is
+C = 1 - Phi and the plan X* solves the exact optimal-transport problem with uniform marginals
+
+    min_X <C, X>   s.t.  X 1_T = 1_S / S,  X^T 1_S = 1_T / T,  X >= 0,
+
+by the network simplex (``ot.emd``). ATC = <C, X*> in [0, 1]. It is computed for the left (U)
+and right (V) similarity; a combination of the two decides.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import ot
+import torch
+
+from core.errors import TransportError
+from core.factors import Factors
+from core.selection import RoleRule, role_of
+from core.similarity import side_reasons, similarity_matrix
+
+__all__ = ["ATCResult", "Combine", "compute_atc", "solve_transport"]
+
+
+class Combine(StrEnum):
+    """How left and right figures combine. Defined on costs (1 - Phi and ATC)."""
+
+    MEAN = "mean"  # phi = (phi_l + phi_r) / 2, atc = (atc_l + atc_r) / 2
+    MAX = "max"  # the worse side decides: phi = min(phi_l, phi_r), atc = max(atc_l, atc_r)
+    LEFT = "left"  # left only
+    RIGHT = "right"  # right only
+
+    def phi(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """Combined similarity."""
+        if self is Combine.MEAN:
+            return (left + right) / 2
+        if self is Combine.MAX:
+            return np.minimum(left, right)
+        return left.copy() if self is Combine.LEFT else right.copy()
+
+    def cost(self, left: float, right: float) -> float:
+        """Combined ATC."""
+        if self is Combine.MEAN:
+            return (left + right) / 2
+        if self is Combine.MAX:
+            return max(left, right)
+        return left if self is Combine.LEFT else right
+
+
+def solve_transport(cost: np.ndarray) -> np.ndarray:
+    """Exact OT plan with uniform marginals for an (S, T) cost matrix (``ot.emd``, float64).
+
+    Returns:
+        X* (S, T), rows summing to 1/S and columns to 1/T.
+
+    Raises:
+        TransportError: the solver did not report an optimal solution (``result_code`` != 1, or
+            a warning such as reaching ``numItermax``).
+    """
+    s, t = cost.shape
+    a, b = np.full(s, 1.0 / s), np.full(t, 1.0 / t)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan, log = ot.emd(
+            a,
+            b,
+            np.ascontiguousarray(cost, dtype=np.float64),
+            numItermax=max(100_000, 50 * (s + t) ** 2),
+            log=True,
+        )
+    if log.get("result_code") != 1 or caught:
+        why = log.get("warning") or "; ".join(str(w.message) for w in caught)
+        raise TransportError(f"ot.emd did not reach an optimal plan ({s} x {t}): {why}")
+    return np.asarray(plan, dtype=np.float64)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class ATCResult:
+    """Similarities, plans and costs of one (source, target, k) comparison.
+
+    All arrays are (S, T) float64 (bool for validity), read-only, rows = source modules in
+    ``source_names`` order, columns = target modules in ``target_names`` order.
+
+    Attributes:
+        phi_left, phi_right: similarities on U and on V (0 where that side is invalid).
+        phi: their combination (``combine``), used for matching.
+        valid_left, valid_right: where each side is defined (appendix D).
+        plan_left, plan_right, plan: optimal plans for costs 1 - phi_left, 1 - phi_right,
+            1 - phi.
+        atc_left, atc_right: <1 - phi_side, plan_side>; atc: their combination.
+    """
+
+    source_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+    source_shapes: tuple[tuple[int, int], ...]
+    target_shapes: tuple[tuple[int, int], ...]
+    source_roles: tuple[str, ...]
+    target_roles: tuple[str, ...]
+    k: int
+    weighted: bool
+    combine: Combine
+    phi_left: np.ndarray
+    phi_right: np.ndarray
+    phi: np.ndarray
+    valid_left: np.ndarray
+    valid_right: np.ndarray
+    plan_left: np.ndarray
+    plan_right: np.ndarray
+    plan: np.ndarray
+    atc_left: float
+    atc_right: float
+    atc: float
+
+    @property
+    def cost_left(self) -> np.ndarray:
+        """C_left = 1 - phi_left."""
+        return 1.0 - self.phi_left
+
+    @property
+    def cost_right(self) -> np.ndarray:
+        """C_right = 1 - phi_right."""
+        return 1.0 - self.phi_right
+
+    @property
+    def cost(self) -> np.ndarray:
+        """C = 1 - phi (combined)."""
+        return 1.0 - self.phi
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Pairs comparable on at least one side."""
+        return self.valid_left | self.valid_right
+
+    @property
+    def source_marginal(self) -> np.ndarray:
+        """Uniform source marginal, 1/S each."""
+        return np.full(len(self.source_names), 1.0 / len(self.source_names))
+
+    @property
+    def target_marginal(self) -> np.ndarray:
+        """Uniform target marginal, 1/T each."""
+        return np.full(len(self.target_names), 1.0 / len(self.target_names))
+
+    def source_index(self, name: str) -> int:
+        """Row of source module ``name`` (KeyError if absent)."""
+        return _index(self.source_names, name)
+
+    def target_index(self, name: str) -> int:
+        """Column of target module ``name`` (KeyError if absent)."""
+        return _index(self.target_names, name)
+
+    def reasons(self, source: str, target: str) -> tuple[str | None, str | None]:
+        """Why the left / right similarity of a pair is invalid (None where valid)."""
+        i, j = self.source_index(source), self.target_index(target)
+        return side_reasons(
+            self.source_roles[i], self.source_shapes[i], self.target_roles[j], self.target_shapes[j]
+        )
+
+    def reason(self, source: str, target: str) -> str | None:
+        """Why a pair cannot be compared at all (appendix D), or None."""
+        left, right = self.reasons(source, target)
+        if left is None or right is None:
+            return None
+        return left if left == right else f"{left}; {right}"
+
+
+def _index(names: tuple[str, ...], name: str) -> int:
+    try:
+        return names.index(name)
+    except ValueError:
+        raise KeyError(name) from None
+
+
+def _stacks(
+    bases: Sequence[torch.Tensor],
+    sv: Sequence[torch.Tensor] | None,
+    keys: Sequence[tuple[str, int, int]],
+) -> dict[tuple[str, int, int], tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """Modules grouped by (role, dimension, k): their indices, stacked bases (g, dim, k) and
+    singular values (g, k), in float64, stacked once per group."""
+    rows: dict[tuple[str, int, int], list[int]] = {}
+    for i, key in enumerate(keys):
+        rows.setdefault(key, []).append(i)
+    out = {}
+    for key, idx in rows.items():
+        k = key[2]
+        stack = torch.stack([bases[i][:, :k] for i in idx]).double()
+        values = torch.stack([sv[i][:k] for i in idx]).double() if sv is not None else None
+        out[key] = (idx, stack, values)
+    return out
+
+
+def _side(
+    bases: Sequence[torch.Tensor],
+    other: Sequence[torch.Tensor],
+    sv: Sequence[torch.Tensor] | None,
+    other_sv: Sequence[torch.Tensor] | None,
+    keys: Sequence[tuple[str, int, int]],
+    other_keys: Sequence[tuple[str, int, int]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Similarities of one side, grouped by (role, dimension, k): one GEMM per group pair."""
+    phi = np.zeros((len(bases), len(other)))
+    valid = np.zeros((len(bases), len(other)), dtype=bool)
+    others = _stacks(other, other_sv, other_keys)
+    for (role, dim, k_a), (rows, a, s_a) in _stacks(bases, sv, keys).items():
+        for (role_b, dim_b, k_b), (cols, b, s_b) in others.items():
+            if role != role_b or dim != dim_b:
+                continue
+            kk = min(k_a, k_b)
+            block = similarity_matrix(
+                a[..., :kk],
+                b[..., :kk],
+                kk,
+                None if s_a is None else s_a[:, :kk],
+                None if s_b is None else s_b[:, :kk],
+            )
+            phi[np.ix_(rows, cols)] = block.numpy()
+            valid[np.ix_(rows, cols)] = True
+    return phi, valid
+
+
+def compute_atc(
+    source: Mapping[str, Factors],
+    target: Mapping[str, Factors],
+    *,
+    k: int,
+    weighted: bool = False,
+    role_rule: RoleRule | None = None,
+    combine: Combine | str = Combine.MEAN,
+) -> ATCResult:
+    """Similarities, optimal plans and the ATC of two bases (section 4.2.4, appendix D).
+
+    Each module's similarity rank is min(k, p); a pair uses the smaller of its two. Pairs are
+    grouped by (role, rows) for the left and (role, columns) for the right similarity and each
+    group pair is one batched GEMM (:func:`core.similarity.similarity_matrix`).
+
+    Args:
+        source: module name -> factors holding at least min(k, p) triplets (S modules).
+        target: the same for the target base (T modules).
+        k: similarity rank (``similarity_rank``); should be < p (a truncation).
+        weighted: use eq. 5 instead of eq. 4.
+        role_rule: how names map to roles (default: numeric segments wildcarded).
+        combine: how left and right combine (:class:`Combine`).
+
+    Returns:
+        An :class:`ATCResult`. For a model against itself: Phi_ii = 1, the plan is the identity
+        / S and ATC = 0 (exactly when the factors carry content digests: pairs of equal digests
+        get Phi = 1; otherwise up to float rounding, ~1e-7).
+
+    Raises:
+        ValueError: empty inputs, k < 1, or factors holding fewer than min(k, p) triplets.
+        TransportError: ``ot.emd`` did not reach an optimal plan.
+    """
+    how = Combine(combine)
+    if k < 1:
+        raise ValueError(f"similarity rank k must be positive, got {k}")
+    if not source or not target:
+        raise ValueError("ATC needs at least one source and one target module")
+    sides = []
+    for mapping in (source, target):
+        names = tuple(mapping)
+        factors = [mapping[name] for name in names]
+        for name, f in zip(names, factors, strict=True):
+            if f.rank < min(k, f.full_rank):
+                raise ValueError(f"factors of {name} hold {f.rank} triplets; k = {k} needs more")
+        ks = [min(k, f.full_rank) for f in factors]
+        roles = tuple(role_of(name, role_rule) for name in names)
+        sides.append((names, factors, ks, roles))
+    (s_names, s_f, s_k, s_roles), (t_names, t_f, t_k, t_roles) = sides
+
+    def keys(roles: Sequence[str], fs: Sequence[Factors], ks: Sequence[int], dim: int):
+        return [(r, f.shape[dim], kk) for r, f, kk in zip(roles, fs, ks, strict=True)]
+
+    def sv(fs: Sequence[Factors]) -> list[torch.Tensor] | None:
+        return [f.S for f in fs] if weighted else None
+
+    phi_l, valid_l = _side(
+        [f.U for f in s_f], [f.U for f in t_f], sv(s_f), sv(t_f),
+        keys(s_roles, s_f, s_k, 0), keys(t_roles, t_f, t_k, 0),
+    )  # fmt: skip
+    phi_r, valid_r = _side(
+        [f.V for f in s_f], [f.V for f in t_f], sv(s_f), sv(t_f),
+        keys(s_roles, s_f, s_k, 1), keys(t_roles, t_f, t_k, 1),
+    )  # fmt: skip
+    # The same tensor (equal content digests) spans the same subspaces: Phi = 1 exactly, not
+    # 1 - (orthonormality error of float32 factors, ~1e-7).
+    t_index: dict[str, list[int]] = {}
+    for j, f in enumerate(t_f):
+        if f.digest:
+            t_index.setdefault(f.digest, []).append(j)
+    for i, f in enumerate(s_f):
+        for j in t_index.get(f.digest, []):
+            phi_l[i, j] = 1.0 if valid_l[i, j] else 0.0
+            phi_r[i, j] = 1.0 if valid_r[i, j] else 0.0
+    phi = how.phi(phi_l, phi_r)
+    plans = [solve_transport(1.0 - x) for x in (phi_l, phi_r, phi)]
+    atc_l = float(np.sum((1.0 - phi_l) * plans[0]))
+    atc_r = float(np.sum((1.0 - phi_r) * plans[1]))
+    return ATCResult(
+        source_names=s_names,
+        target_names=t_names,
+        source_shapes=tuple(f.shape for f in s_f),
+        target_shapes=tuple(f.shape for f in t_f),
+        source_roles=s_roles,
+        target_roles=t_roles,
+        k=k,
+        weighted=weighted,
+        combine=how,
+        phi_left=_frozen(phi_l),
+        phi_right=_frozen(phi_r),
+        phi=_frozen(phi),
+        valid_left=_frozen(valid_l),
+        valid_right=_frozen(valid_r),
+        plan_left=_frozen(plans[0]),
+        plan_right=_frozen(plans[1]),
+        plan=_frozen(plans[2]),
+        atc_left=atc_l,
+        atc_right=atc_r,
+        atc=how.cost(atc_l, atc_r),
+    )
