@@ -26,7 +26,7 @@ from db import (
 from migrator.migration import Assessment, assess, assessment_parameters
 from migrator.pipeline.context import Context
 from migrator.pipeline.snapshot import AdapterEntry, Snapshot
-from migrator.registry import VersionRef
+from migrator.registry import RegistryError, RegistryUnavailableError, VersionRef
 from migrator.settings import Settings
 
 __all__ = ["PairATC", "Planner", "Proposal", "policy_decision"]
@@ -125,7 +125,9 @@ class Planner:
                 try:
                     self.ctx.workspace.base(info)
                     self._usable[ref] = None
-                except InputError as exc:
+                except RegistryUnavailableError:
+                    raise  # an outage, not bad content: the pass stops and is tried again
+                except (InputError, RegistryError) as exc:
                     self._usable[ref] = f"base {ref} has no usable weights: {exc}"
                     log.warning(self._usable[ref])
         return self._usable[ref]
