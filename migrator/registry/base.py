@@ -148,7 +148,8 @@ class Registry(Protocol):
         tags: Mapping[str, str],
         artifacts: Mapping[str, Path],
     ) -> RunInfo:
-        """Create (or reuse, by ``lorax.job = job_key``) a finished run holding the given params,
+        """Create (or reuse, by ``lorax.job = job_key`` and the same ``tags``: job ids repeat
+        across job databases sharing a registry) a finished run holding the given params,
         metrics, tags and artifacts (artifact path -> local file or folder)."""
         ...
 

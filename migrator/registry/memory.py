@@ -108,7 +108,7 @@ class MemoryRegistry:
     ) -> RunInfo:
         self._enter(f"log_run {job_key}")
         for run_id, run in self.runs.items():
-            if run["job"] == job_key:
+            if run["job"] == job_key and run["tags"] == dict(tags):  # same job, same transfer
                 return RunInfo(run_id, experiment)
         run_id = f"run{next(self._run_ids)}"
         dest = self.root / "runs" / run_id

@@ -128,6 +128,10 @@ class MlflowRegistry:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # Over HTTP, MLflow prints "View run ... at: URL" on stdout when a run ends, which breaks
+        # the CLI's one-JSON-document stdout (``migrator tick --json``). The version description
+        # links the run.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.tracking_uri = tracking_uri
         self.registry_uri = registry_uri or tracking_uri
         self.artifact_root = artifact_root
@@ -256,10 +260,14 @@ class MlflowRegistry:
                 [exp_id], filter_string=f"tags.`{Tag.JOB}` = {_quote_value(job_key)}"
             ),
         )
-        for run in runs:
+        # Job ids are unique only within one job database; several may share a registry (two
+        # deployments, a database rebuilt). A run is this job's only if its tags (adapter,
+        # target base) say so too.
+        own = [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
+        for run in own:
             if run.info.status == RunStatus.to_string(RunStatus.FINISHED):
                 return RunInfo(run.info.run_id, exp_id)
-        for run in runs:  # left behind by a crash: mark it, then start afresh
+        for run in own:  # left behind by a crash: mark it, then start afresh
             if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
                 self._call(
                     f"end stale run {run.info.run_id}",

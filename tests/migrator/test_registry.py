@@ -120,6 +120,29 @@ def test_registration_is_idempotent_by_job_tag(registry: Registry, tmp_path: Pat
     assert registry.version_link(first.ref).endswith("/models/style/versions/2")
 
 
+def test_a_run_is_reused_only_for_the_same_transfer(registry: Registry, tmp_path: Path) -> None:
+    """Job ids repeat across job databases that share a registry (found end to end: a second
+    deployment's job 1 registered the first deployment's adapter files)."""
+
+    def log(adapter: str, content: str) -> str:
+        return registry.log_run(
+            experiment="migrations",
+            run_name=f"{adapter} -> enc/2",
+            job_key="1",
+            params={},
+            metrics={},
+            tags={Tag.TRANSFERRED_FROM: adapter, Tag.BASE: "enc/2"},
+            artifacts={
+                "adapter": _files(tmp_path, f"{adapter.replace('/', '-')}-{content}", content)
+            },
+        ).run_id
+
+    first = log("styleA/1", "a")
+    other = log("styleB/1", "b")  # another database's job 1
+    assert other != first
+    assert log("styleA/1", "again") == first  # the same transfer re-run: its run is reused
+
+
 def test_version_refs_parse_and_refuse() -> None:
     assert VersionRef.parse("minilm/2") == VersionRef("minilm", "2")
     assert VersionRef.parse("models:/org/minilm/12") == VersionRef("org/minilm", "12")
