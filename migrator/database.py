@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
 from db import make_engine, migrations
 from migrator.daemon import StopToken
-from migrator.pipeline.context import ensure_sqlite_parent
 
-__all__ = ["prepare_database", "wait_for_database"]
+__all__ = ["ensure_sqlite_parent", "prepare_database", "wait_for_database"]
 
 log = logging.getLogger(__name__)
+
+
+def ensure_sqlite_parent(url: str) -> None:
+    """Create the folder of a SQLite database file (SQLite creates the file, not its folder)."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
 
 
 def prepare_database(url: str) -> None:

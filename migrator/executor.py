@@ -16,6 +16,7 @@ from migrator.settings import ExecutorKind
 
 if TYPE_CHECKING:
     from migrator.pipeline.context import Context
+    from migrator.registry import ModelVersionInfo
 
 __all__ = ["Executor", "LocalExecutor", "executor_for", "release_jobs"]
 
@@ -25,6 +26,15 @@ log = logging.getLogger(__name__)
 class Executor(Protocol):
     def run(self, ctx: Context, job_ids: Sequence[int]) -> list[JobOutcome]:
         """Execute claimed jobs; return one outcome per job."""
+        ...
+
+    def prefetch(self, ctx: Context, bases: Sequence[ModelVersionInfo]) -> None:
+        """Factorize ``bases`` into the factorization cache before they are assessed (the
+        assessment factorizes whatever is still missing itself, so this may do nothing).
+
+        Raises:
+            InputError: unusable weights (as the assessment would).
+        """
         ...
 
 
@@ -52,6 +62,9 @@ class LocalExecutor:
                 break
             outcomes.append(execute_job(ctx, job_id))
         return outcomes
+
+    def prefetch(self, ctx: Context, bases: Sequence[ModelVersionInfo]) -> None:
+        """Nothing ahead of time: the assessment factorizes in this process."""
 
 
 _LOCAL = LocalExecutor()

@@ -61,3 +61,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     # Chatty third parties.
     for name in ("alembic", "mlflow", "urllib3", "apscheduler.executors", "matplotlib"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # "maximum number of running instances reached" is expected while a pass outlasts the
+    # interval (max_instances=1): the daemon notes it at debug level itself.
+    logging.getLogger("apscheduler.scheduler").setLevel(max(logging.ERROR, root.level))

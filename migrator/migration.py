@@ -29,6 +29,7 @@ from core.matching import Decision, ModuleDecision, match_modules
 from core.selection import DEFAULT_PATTERNS, ModuleSelector, RoleRule
 from core.transfer import TransferMode, TransferResult, transfer_adapter
 from core.weights import WeightSource
+from migrator.errors import NothingToTransferError
 from migrator.settings import Settings
 
 __all__ = [
@@ -49,10 +50,6 @@ __all__ = [
 ]
 
 ProgressFn = Callable[[int, int, str], None]
-
-
-class NothingToTransferError(InputError):
-    """No module of the adapter clears the module similarity threshold on the target."""
 
 
 def role_rule(settings: Settings) -> RoleRule:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import typer
 from rich.tree import Tree
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import (
     AdapterVersion,
@@ -22,6 +23,8 @@ from db import (
     force,
     get_job,
     list_jobs,
+    make_engine,
+    make_session_factory,
     pending_approvals,
     reject,
     retry,
@@ -39,7 +42,6 @@ from migrator.cli.common import (
     table,
 )
 from migrator.database import prepare_database
-from migrator.pipeline import Context
 from migrator.registry import VersionRef
 
 __all__ = ["approvals_app", "jobs_app", "lineage_command"]
@@ -53,10 +55,16 @@ JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
 BY_OPTION = typer.Option(None, "--by", help="Who acts (default: the OS user).")
 
 
-def _sessions() -> Context:
+@dataclass
+class _Db:
+    sessions: sessionmaker[Session]
+
+
+def _sessions() -> _Db:
+    """The job database (admin commands need neither the registry nor the math)."""
     settings = state.settings()
     prepare_database(settings.database)
-    return Context.create(settings)
+    return _Db(make_session_factory(make_engine(settings.database)))
 
 
 def job_document(job: TransferJob) -> dict[str, object]:

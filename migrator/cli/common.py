@@ -26,8 +26,8 @@ from sqlalchemy.exc import OperationalError
 
 from core.errors import InputError
 from db import DatabaseNotAtHeadError, JobDatabaseError, JobNotFoundError, JobStateError
+from migrator.errors import NothingToTransferError
 from migrator.logs import configure_logging
-from migrator.migration import NothingToTransferError
 from migrator.registry import RegistryError, RegistryUnavailableError, VersionNotFoundError
 from migrator.settings import ConfigFileError, Settings, load_settings
 

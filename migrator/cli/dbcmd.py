@@ -6,7 +6,7 @@ import typer
 
 from db import SchemaDriftError, migrations
 from migrator.cli.common import EXIT_FAILED, emit_json, guarded, out, state
-from migrator.pipeline.context import ensure_sqlite_parent
+from migrator.database import ensure_sqlite_parent
 
 __all__ = ["db_app"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -18,18 +19,12 @@ from migrator.cli.common import (
     state,
     table,
 )
-from migrator.migration import (
-    BaseModel,
-    ProgressFn,
-    assess,
-    load_adapter,
-    migrate,
-    open_base,
-    write_migrated,
-)
 from migrator.registry import Tag, VersionRef
 from migrator.reports import plot_similarity
 from migrator.settings import Settings
+
+if TYPE_CHECKING:
+    from migrator.migration import BaseModel, ProgressFn
 
 __all__ = ["atc_command", "transfer_command"]
 
@@ -65,6 +60,8 @@ def _local(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str | N
 
 
 def _open(spec: str, settings: Settings, progress: ProgressFn | None) -> BaseModel:
+    from migrator.migration import open_base
+
     path, label, weights_path = _local(spec, settings, "bases")
     return open_base(path, settings, label=label, weights_path=weights_path, progress=progress)
 
@@ -84,6 +81,8 @@ def atc_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Adapter Transferability Cost of SOURCE -> TARGET, with every module's match."""
+    from migrator.migration import assess
+
     settings = state.settings()
     if rank is not None:
         settings = settings.model_copy(update={"similarity_rank": rank})
@@ -188,6 +187,8 @@ def transfer_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Carry ADAPTER from base --from to base --to, training-free; write it in its own layout."""
+    from migrator.migration import assess, load_adapter, migrate, write_migrated
+
     if mode not in ("project", "subspace", "copy"):
         fail(f"--mode must be project, subspace or copy, not {mode!r}", EXIT_BAD_INPUT)
     settings = state.settings()

@@ -7,6 +7,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -25,8 +26,10 @@ from migrator.cli.common import (
 )
 from migrator.daemon import Daemon, StopToken
 from migrator.database import prepare_database, wait_for_database
-from migrator.pipeline import Context, TickReport, run_once
 from migrator.settings import Settings
+
+if TYPE_CHECKING:
+    from migrator.pipeline import Context, TickReport
 
 __all__ = ["health_command", "plan_command", "run_command", "tick_command"]
 
@@ -115,6 +118,8 @@ def print_report(rows: list[dict[str, object]], report: TickReport, *, title: st
 
 
 def _context(settings: Settings) -> Context:
+    from migrator.pipeline import Context
+
     prepare_database(settings.database)
     return Context.create(settings)
 
@@ -136,6 +141,8 @@ def tick_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Run one full pass (discover, assess, plan, transfer, register), then exit."""
+    from migrator.pipeline import run_once
+
     settings = state.settings()
     ctx = _context(settings)
     if not as_json:
@@ -158,6 +165,8 @@ def plan_command(
 
     Only the factorization cache may fill (it is a cache).
     """
+    from migrator.pipeline import run_once
+
     settings = state.settings()
     ctx = _context(settings)
     report = run_once(ctx, dry_run=True)
@@ -208,6 +217,8 @@ def run_command() -> None:
             raise
         if not wait_for_database(settings.database, stop):
             return
+    from migrator.pipeline import Context, run_once
+
     ctx = Context.create(settings)
     heartbeat = _heartbeat_file(settings)
     heartbeat.parent.mkdir(parents=True, exist_ok=True)

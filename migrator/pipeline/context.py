@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import make_engine, make_session_factory
 from migrator.daemon import StopToken
+from migrator.database import ensure_sqlite_parent
 from migrator.migration import BaseModel, ProgressFn, open_base
 from migrator.registry import ModelVersionInfo, Registry, Tag, VersionRef
 from migrator.settings import Settings
@@ -141,8 +142,3 @@ class Context:
         log.info(message)
         if self.on_progress is not None:
             self.on_progress(message)
-
-
-def ensure_sqlite_parent(url: str) -> None:
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)

@@ -178,6 +178,10 @@ class Planner:
         src = self.ctx.workspace.base(self.snapshot.bases[source])
         tgt = self.ctx.workspace.base(self.snapshot.bases[target])
         try:
+            from migrator.executor import executor_for  # here: executor imports the pipeline
+
+            bases = (self.snapshot.bases[source], self.snapshot.bases[target])
+            executor_for(self.ctx).prefetch(self.ctx, bases)  # Ray: factorize on the cluster
             result = assess(src, tgt, self.ctx.settings)
         except InputError as exc:
             return PairATC(source, target, error=f"assessing {source} -> {target}: {exc}")

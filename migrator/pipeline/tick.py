@@ -152,7 +152,8 @@ def _deprecate(
                     )
 
 
-def _apply(ctx: Context, proposal: Proposal, session: Session) -> int:
+def _apply(ctx: Context, proposal: Proposal, session: Session) -> int | None:
+    """Create the proposed job; None when another replica created it meanwhile."""
     s = ctx.settings
     adapter = find_adapter_version(
         proposal.adapter.ref.name, proposal.adapter.ref.version, session=session
@@ -172,14 +173,11 @@ def _apply(ctx: Context, proposal: Proposal, session: Session) -> int:
         max_attempts=s.max_attempts,
         session=session,
     )
-    if created:
-        apply_policy_decision(
-            job.id,
-            proposal.decision,
-            reason=proposal.reason,
-            atc=proposal.pair.atc,
-            session=session,
-        )
+    if not created:
+        return None
+    apply_policy_decision(
+        job.id, proposal.decision, reason=proposal.reason, atc=proposal.pair.atc, session=session
+    )
     return job.id
 
 
@@ -242,7 +240,8 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
             _deprecate(ctx, snapshot, planner, successions, report, session)
         with session_scope(ctx.sessions) as session:
             proposals = planner.propose(successions, session=session)
-            report.planned = [_planned(_apply(ctx, p, session), p) for p in proposals]
+            applied = [(_apply(ctx, p, session), p) for p in proposals]
+            report.planned = [_planned(job_id, p) for job_id, p in applied if job_id is not None]
         for p in report.planned:
             ctx.say(f"planned {p.adapter} -> {p.target_base}: {p.decision} ({p.reason})")
     report.assessments = [_assessment_row(pair) for pair in planner.pairs]

@@ -28,3 +28,17 @@ def test_importing_core_pulls_no_service_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
     )
     assert out.stdout.strip() == ""
+
+
+def test_exports_are_lazy_and_do_not_shadow_submodules() -> None:
+    code = (
+        "import sys, core.errors\n"
+        "assert 'torch' not in sys.modules and 'ot' not in sys.modules, 'eager import'\n"
+        "import core.factorize as module\n"
+        "assert callable(module.factorize) and hasattr(module, 'FactorStore')\n"
+        "from core import WeightSource, compute_atc\n"
+        "assert set(core.__all__) == set(core._EXPORTS)\n"
+    )
+    root = Path(core.__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr

@@ -19,8 +19,12 @@ from migrator.registry.mlflow_registry import MlflowRegistry
 
 WIDTH = 64
 LAYERS = 2
-ATTENTION = ("attention.self.query", "attention.self.key", "attention.self.value",
-             "attention.output.dense")
+ATTENTION = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -45,11 +49,15 @@ def base_weights(seed: int, *, width: int = WIDTH, layers: int = LAYERS) -> dict
     return out
 
 
-def successor(weights: dict[str, torch.Tensor], *, eps: float = 0.02, seed: int = 99) -> dict[str, torch.Tensor]:
+def successor(
+    weights: dict[str, torch.Tensor], *, eps: float = 0.02, seed: int = 99
+) -> dict[str, torch.Tensor]:
     """A related successor: every matrix moved by ``eps`` relative (a light fine-tune)."""
     g = _gen(seed)
-    return {k: w + eps * w.norm() / w.numel() ** 0.5 * torch.randn(w.shape, generator=g)
-            for k, w in weights.items()}
+    return {
+        k: w + eps * w.norm() / w.numel() ** 0.5 * torch.randn(w.shape, generator=g)
+        for k, w in weights.items()
+    }
 
 
 def write_weights(folder: Path, weights: dict[str, torch.Tensor]) -> Path:
@@ -58,7 +66,9 @@ def write_weights(folder: Path, weights: dict[str, torch.Tensor]) -> Path:
     return folder
 
 
-def _modules(weights: dict[str, torch.Tensor], *, rank: int, seed: int, plain: bool) -> dict[str, LoraModule]:
+def _modules(
+    weights: dict[str, torch.Tensor], *, rank: int, seed: int, plain: bool
+) -> dict[str, LoraModule]:
     g = _gen(seed)
     modules = {}
     for key, w in weights.items():
@@ -66,27 +76,47 @@ def _modules(weights: dict[str, torch.Tensor], *, rank: int, seed: int, plain: b
         if not any(name.endswith(a) for a in ATTENTION):
             continue
         if plain:
-            modules[name] = LoraModule(name, torch.randn(w.shape[0], rank, generator=g) * 0.1,
-                                       torch.randn(rank, w.shape[1], generator=g) * 0.1, scale=2.0)
+            modules[name] = LoraModule(
+                name,
+                torch.randn(w.shape[0], rank, generator=g) * 0.1,
+                torch.randn(rank, w.shape[1], generator=g) * 0.1,
+                scale=2.0,
+            )
         else:
             f = factorize(w)
             ds = torch.randn(rank, generator=g) * 0.2
-            modules[name] = LoraModule(name, f.U[:, :rank].clone(),
-                                       torch.diag(ds) @ f.V[:, :rank].T, scale=1.0, ds=ds)
+            modules[name] = LoraModule(
+                name, f.U[:, :rank].clone(), torch.diag(ds) @ f.V[:, :rank].T, scale=1.0, ds=ds
+            )
     return modules
 
 
-def lorax_adapter(weights: dict[str, torch.Tensor], *, rank: int = 16, seed: int = 1,
-                  layout: AdapterLayout = AdapterLayout.PEFT) -> LoraAdapter:
+def lorax_adapter(
+    weights: dict[str, torch.Tensor],
+    *,
+    rank: int = 16,
+    seed: int = 1,
+    layout: AdapterLayout = AdapterLayout.PEFT,
+) -> LoraAdapter:
     """A LoRA-X (expanded) trained-looking adapter on ``weights``."""
-    return LoraAdapter(_modules(weights, rank=rank, seed=seed, plain=False), AdapterKind.LORAX,
-                       layout, config={"r": rank, "lora_alpha": rank} if layout is AdapterLayout.PEFT else {},
-                       metadata={"ss_network_module": "networks.lora"} if layout is AdapterLayout.KOHYA else {})
+    return LoraAdapter(
+        _modules(weights, rank=rank, seed=seed, plain=False),
+        AdapterKind.LORAX,
+        layout,
+        config={"r": rank, "lora_alpha": rank} if layout is AdapterLayout.PEFT else {},
+        metadata={"ss_network_module": "networks.lora"} if layout is AdapterLayout.KOHYA else {},
+    )
 
 
-def plain_lora_adapter(weights: dict[str, torch.Tensor], *, rank: int = 8, seed: int = 2) -> LoraAdapter:
-    return LoraAdapter(_modules(weights, rank=rank, seed=seed, plain=True), AdapterKind.LORA,
-                       AdapterLayout.PEFT, config={"r": rank, "lora_alpha": 2 * rank})
+def plain_lora_adapter(
+    weights: dict[str, torch.Tensor], *, rank: int = 8, seed: int = 2
+) -> LoraAdapter:
+    return LoraAdapter(
+        _modules(weights, rank=rank, seed=seed, plain=True),
+        AdapterKind.LORA,
+        AdapterLayout.PEFT,
+        config={"r": rank, "lora_alpha": 2 * rank},
+    )
 
 
 def write(adapter: LoraAdapter, path: Path) -> Path:
@@ -106,16 +136,20 @@ def register(registry: Registry, name: str, files: Path | None, tags: dict[str, 
     assert isinstance(registry, MlflowRegistry)
     client = registry.client
     exp = client.get_experiment_by_name("uploads")
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        "uploads", artifact_location=registry.artifact_root)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment("uploads", artifact_location=registry.artifact_root)
+    )
     run = client.create_run(exp_id)
     if files is not None:
         client.log_artifacts(run.info.run_id, str(files), "files")
     client.set_terminated(run.info.run_id)
     with contextlib.suppress(Exception):
         client.create_registered_model(name)
-    mv = client.create_model_version(name, f"runs:/{run.info.run_id}/files",
-                                     run_id=run.info.run_id, tags=tags)
+    mv = client.create_model_version(
+        name, f"runs:/{run.info.run_id}/files", run_id=run.info.run_id, tags=tags
+    )
     return VersionRef(name, str(mv.version))
 
 
@@ -134,8 +168,12 @@ class Story:
 
     def register_v1_with_adapters(self) -> None:
         self.v1 = base_weights(0)
-        base = register(self.registry, self.base_name, write_weights(self.root / "v1", self.v1),
-                        {Tag.ROLE: "base"})
+        base = register(
+            self.registry,
+            self.base_name,
+            write_weights(self.root / "v1", self.v1),
+            {Tag.ROLE: "base"},
+        )
         self.refs["v1"] = base
         adapters = {
             "styleA": (lorax_adapter(self.v1, seed=1), "lorax"),
@@ -144,15 +182,25 @@ class Story:
         }
         for name, (adapter, fmt) in adapters.items():
             files = write(adapter, self.root / "adapters" / name)
-            self.refs[name] = register(self.registry, f"{self.base_name}-{name}", files,
-                                       {Tag.ROLE: "adapter", Tag.BASE: str(base), Tag.FORMAT: fmt})
+            self.refs[name] = register(
+                self.registry,
+                f"{self.base_name}-{name}",
+                files,
+                {Tag.ROLE: "adapter", Tag.BASE: str(base), Tag.FORMAT: fmt},
+            )
 
     def register_successors(self) -> None:
         self.v2 = successor(self.v1)
-        self.refs["v2"] = register(self.registry, self.base_name,
-                                   write_weights(self.root / "v2", self.v2), {Tag.ROLE: "base"})
+        self.refs["v2"] = register(
+            self.registry,
+            self.base_name,
+            write_weights(self.root / "v2", self.v2),
+            {Tag.ROLE: "base"},
+        )
         self.other = base_weights(1234)
         self.refs["other"] = register(
-            self.registry, f"{self.base_name}-other", write_weights(self.root / "other", self.other),
+            self.registry,
+            f"{self.base_name}-other",
+            write_weights(self.root / "other", self.other),
             {Tag.ROLE: "base", Tag.SUPERSEDES: str(self.refs["v1"])},
         )

@@ -15,7 +15,7 @@ from migrator.registry import Tag
 from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import load_settings
 from tests.fixtures.mlflow import MlflowStore
-from tests.migrator.scenario import Story, lorax_adapter, register, write, write_weights
+from tests.migrator.scenario import Story, lorax_adapter, register, write
 
 
 @pytest.fixture
@@ -30,7 +30,11 @@ def ctx(tmp_path: Path, mlflow_store: MlflowStore) -> Context:
 def _jobs(ctx: Context) -> dict[str, tuple[JobStatus, str | None, str | None]]:
     with session_scope(ctx.sessions) as session:
         return {
-            f"{j.adapter_version.ref}->{j.target_base.ref}": (j.status, j.policy_reason, j.last_error)
+            f"{j.adapter_version.ref}->{j.target_base.ref}": (
+                j.status,
+                j.policy_reason,
+                j.last_error,
+            )
             for j in list_jobs(session=session)
         }
 
@@ -46,19 +50,27 @@ def test_bad_content_fails_alone(ctx: Context, tmp_path: Path) -> None:
     good = write(lorax_adapter(v1, seed=7), root / "corrupt")
     weights = good / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    register(registry, "corrupt", good, {Tag.ROLE: "adapter", Tag.BASE: "enc/1", Tag.FORMAT: "lorax"})
+    register(
+        registry, "corrupt", good, {Tag.ROLE: "adapter", Tag.BASE: "enc/1", Tag.FORMAT: "lorax"}
+    )
 
     # An adapter shipped as a pickle.
     pickled = root / "pickled"
     pickled.mkdir(parents=True)
     (pickled / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 4, "peft_type": "LORA"}')
-    torch.save({"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 64)},
-               pickled / "adapter_model.bin")
-    register(registry, "pickled", pickled, {Tag.ROLE: "adapter", Tag.BASE: "enc/1", Tag.FORMAT: "lora"})
+    torch.save(
+        {"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 64)},
+        pickled / "adapter_model.bin",
+    )
+    register(
+        registry, "pickled", pickled, {Tag.ROLE: "adapter", Tag.BASE: "enc/1", Tag.FORMAT: "lora"}
+    )
 
     # An adapter naming a base the registry does not hold.
     orphan = write(lorax_adapter(v1, seed=8), root / "orphan")
-    register(registry, "orphan", orphan, {Tag.ROLE: "adapter", Tag.BASE: "enc/9", Tag.FORMAT: "lorax"})
+    register(
+        registry, "orphan", orphan, {Tag.ROLE: "adapter", Tag.BASE: "enc/9", Tag.FORMAT: "lorax"}
+    )
 
     story.register_successors()
     # A base version without weights, and one whose only checkpoint is a pickle.
@@ -94,7 +106,10 @@ def test_bad_content_fails_alone(ctx: Context, tmp_path: Path) -> None:
     assert any("enc/9" in p for p in report.problems)
 
     # Broken bases deprecate nothing: enc/1 is superseded by a usable base.
-    assert registry.get_version(story.refs["v1"]).tags[Tag.SUPERSEDED_BY] in {"enc/2", "enc-other/1"}
+    assert registry.get_version(story.refs["v1"]).tags[Tag.SUPERSEDED_BY] in {
+        "enc/2",
+        "enc-other/1",
+    }
     # A second pass neither retries bad input nor duplicates anything.
     again = run_once(ctx)
     assert again.outcomes == [] and again.planned == []

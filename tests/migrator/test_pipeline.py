@@ -56,7 +56,9 @@ def _jobs(ctx: Context) -> dict[tuple[str, str], object]:
         }
 
 
-def test_successor_release_moves_every_adapter(ctx: Context, registry: Registry, tmp_path: Path) -> None:
+def test_successor_release_moves_every_adapter(
+    ctx: Context, registry: Registry, tmp_path: Path
+) -> None:
     story = Story(tmp_path / "story", registry)
     story.register_v1_with_adapters()
     first = run_once(ctx)
@@ -128,7 +130,9 @@ def test_transferred_adapter_is_the_projection_onto_the_new_base(
     assert (got - expected).norm() / expected.norm() < 1e-4
 
 
-def test_pending_transfer_waits_for_an_admin(ctx: Context, registry: Registry, tmp_path: Path) -> None:
+def test_pending_transfer_waits_for_an_admin(
+    ctx: Context, registry: Registry, tmp_path: Path
+) -> None:
     ctx.settings.auto_approve_atc = 0.0  # every transfer needs a person
     story = Story(tmp_path / "story", registry)
     story.register_v1_with_adapters()
@@ -139,9 +143,7 @@ def test_pending_transfer_waits_for_an_admin(ctx: Context, registry: Registry, t
     from db import approve
 
     with session_scope(ctx.sessions) as session:
-        pending = [
-            j for j in list_jobs(session=session, statuses=[JobStatus.PENDING_APPROVAL])
-        ]
+        pending = [j for j in list_jobs(session=session, statuses=[JobStatus.PENDING_APPROVAL])]
         approve(pending[0].id, "alice", "checked the heatmap", session=session)
     after = run_once(ctx)
     assert [o.status for o in after.outcomes] == ["succeeded"]
