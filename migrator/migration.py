@@ -17,6 +17,7 @@ from core.atc import ATCResult, compute_atc
 from core.errors import InputError
 from core.factor_cache import FactorCache
 from core.factorize import FactorStore
+from core.factors import Factors
 from core.formats import (
     CoverageReport,
     decode_compact,
@@ -53,7 +54,7 @@ ProgressFn = Callable[[int, int, str], None]
 
 
 def role_rule(settings: Settings) -> RoleRule:
-    return RoleRule(substitutions=tuple(tuple(p) for p in settings.role_substitutions))
+    return RoleRule(substitutions=tuple((p, r) for p, r in settings.role_substitutions))
 
 
 def selector(settings: Settings) -> ModuleSelector:
@@ -191,7 +192,7 @@ def load_adapter(path: Path, base: BaseModel, settings: Settings) -> LoadedAdapt
     return LoadedAdapter(adapter, coverage, kind, path)
 
 
-def _full_factors(base: BaseModel, names: Mapping[str, object]) -> dict[str, object]:
+def _full_factors(base: BaseModel, names: Mapping[str, object]) -> dict[str, Factors]:
     """Exact factors of ``names`` (modules outside the selection included) from ``base``."""
     missing = [n for n in names if n not in base.store]
     store = base.store

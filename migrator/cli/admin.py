@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import typer
 from rich.tree import Tree
@@ -218,7 +219,7 @@ def jobs_show(
     with session_scope(ctx.sessions) as session:
         job = get_job(job_id, session=session)
         doc = job_document(job)
-        doc["audit"] = [
+        audit: list[dict[str, Any]] = [
             {
                 "action": e.action.value,
                 "actor": e.actor,
@@ -230,7 +231,7 @@ def jobs_show(
             for e in audit_trail(job_id, session=session)
         ]
         pairs = job.assessment.module_pairs if job.assessment is not None else []
-        doc["modules"] = [
+        modules: list[dict[str, Any]] = [
             {
                 "target": p.target_module,
                 "source": p.source_module,
@@ -241,6 +242,7 @@ def jobs_show(
             }
             for p in pairs
         ]
+        doc["audit"], doc["modules"] = audit, modules
     if as_json:
         emit_json(doc)
         return
@@ -254,10 +256,10 @@ def jobs_show(
         ["at", "action", "actor", "from -> to", "reason"],
         [
             [a["at"], a["action"], a["actor"], f"{a['from']} -> {a['to']}", a["reason"] or ""]
-            for a in doc["audit"]
+            for a in audit
         ],
-    )  # type: ignore[union-attr]
-    if doc["modules"]:
+    )
+    if modules:
         table(
             "module decisions",
             ["target", "source", "phi left", "phi right", "decision"],
@@ -269,9 +271,9 @@ def jobs_show(
                     fmt_atc(m["phi_right"]),
                     m["decision"],
                 ]
-                for m in doc["modules"]
+                for m in modules
             ],
-        )  # type: ignore[union-attr]
+        )
 
 
 @jobs_app.command("retry")
@@ -328,7 +330,7 @@ def lineage_command(
             versions = _versions_of(what, session)
             if not versions:
                 fail(f"no adapter named {what!r} is known to the migrator", EXIT_BAD_INPUT)
-            doc: dict[str, object] = {
+            doc: dict[str, Any] = {
                 "name": what,
                 "versions": [
                     {
@@ -362,7 +364,7 @@ def lineage_command(
         return
     if "versions" in doc:
         children: dict[str | None, list[dict[str, object]]] = {}
-        for v in doc["versions"]:  # type: ignore[attr-defined]
+        for v in doc["versions"]:
             children.setdefault(v["parent"], []).append(v)
         tree = Tree(f"[bold]{what}[/]")
 
@@ -375,7 +377,7 @@ def lineage_command(
         grow(tree, None)
         out.print(tree)
     else:
-        chain = [*reversed(doc["ancestors"]), {"version": doc["version"], "base": doc["base"]}]  # type: ignore[misc]
+        chain = [*reversed(doc["ancestors"]), {"version": doc["version"], "base": doc["base"]}]
         out.print(" -> ".join(f"{c['version']} ({c['base']})" for c in chain))
-        for d in doc["descendants"]:  # type: ignore[attr-defined]
+        for d in doc["descendants"]:
             out.print(f"{'  ' * int(d['depth'])}└ {d['version']} ({d['base']})")

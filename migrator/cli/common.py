@@ -141,8 +141,9 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     out.print(t)
 
 
-def fmt_atc(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def fmt_atc(value: object) -> str:
+    """A similarity or ATC with three decimals ("-" when there is none)."""
+    return "-" if value is None else f"{float(value):.3f}"  # type: ignore[arg-type]
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -167,8 +168,11 @@ class MlflowRegistry:
         while True:
             page = self._call(
                 f"search model versions ({filter_string or 'all'})",
-                lambda token=token: self.client.search_model_versions(
-                    filter_string=filter_string, max_results=1000, page_token=token
+                partial(
+                    self.client.search_model_versions,
+                    filter_string=filter_string,
+                    max_results=1000,
+                    page_token=token,
                 ),
             )
             out.extend(_info(mv) for mv in page)
@@ -215,9 +219,7 @@ class MlflowRegistry:
         for key, value in tags.items():
             self._call(
                 f"set tag {key} on {ref}",
-                lambda key=key, value=value: self.client.set_model_version_tag(
-                    ref.name, ref.version, key, value
-                ),
+                partial(self.client.set_model_version_tag, ref.name, ref.version, key, value),
             )
 
     def _experiment_id(self, name: str) -> str:
@@ -271,7 +273,7 @@ class MlflowRegistry:
             if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
                 self._call(
                     f"end stale run {run.info.run_id}",
-                    lambda run=run: self.client.set_terminated(run.info.run_id, "KILLED"),
+                    partial(self.client.set_terminated, run.info.run_id, "KILLED"),
                 )
         run = self._call(
             f"create run for job {job_key}",
@@ -292,16 +294,17 @@ class MlflowRegistry:
             if local.is_dir():
                 self._call(
                     f"log artifacts {artifact_path} of run {run_id}",
-                    lambda local=local, artifact_path=artifact_path: self.client.log_artifacts(
-                        run_id, str(local), artifact_path
-                    ),
+                    partial(self.client.log_artifacts, run_id, str(local), artifact_path),
                 )
             else:
                 parent = str(Path(artifact_path).parent)
                 self._call(
                     f"log artifact {artifact_path} of run {run_id}",
-                    lambda local=local, parent=parent: self.client.log_artifact(
-                        run_id, str(local), None if parent == "." else parent
+                    partial(
+                        self.client.log_artifact,
+                        run_id,
+                        str(local),
+                        None if parent == "." else parent,
                     ),
                 )
         self._call(f"finish run {run_id}", lambda: self.client.set_terminated(run_id, "FINISHED"))
