@@ -78,16 +78,19 @@ def _sentences(module_names: tuple[str, ...], per_label: int = 40) -> tuple[list
     return texts, labels
 
 
-def _train_adapter(folder: Path, modules: tuple[str, ...], *, seed: int, steps: int = 24):  # type: ignore[no-untyped-def]
+def _train_adapter(folder: Path, modules: tuple[str, ...], *, seed: int, steps: int = 16):  # type: ignore[no-untyped-def]
     """A LoRA-X (full-rank diagonal dS on the attention projections) trained for a few steps
     with a supervised contrastive loss on mean-pooled sentence embeddings."""
     import torch
     import torch.nn.functional as F
+    import transformers
     from transformers import AutoTokenizer, BertModel
 
     from core.selection import DEFAULT_PATTERNS
     from core.training import constrain_lorax_, inject_lorax
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = BertModel.from_pretrained(str(folder), add_pooling_layer=False)
@@ -95,16 +98,16 @@ def _train_adapter(folder: Path, modules: tuple[str, ...], *, seed: int, steps: 
     texts, labels = _sentences(modules)
     target = torch.tensor(labels)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(params, lr=5e-3)
+    optimiser = torch.optim.Adam(params, lr=0.1)
     model.train()
     losses = []
     for _ in range(steps):
-        idx = torch.randperm(len(texts))[:32]
+        idx = torch.randperm(len(texts))[:16]
         batch = tokenizer(
             [texts[i] for i in idx],
             padding=True,
             truncation=True,
-            max_length=48,
+            max_length=32,
             return_tensors="pt",
         )
         hidden = model(**batch).last_hidden_state
@@ -119,7 +122,7 @@ def _train_adapter(folder: Path, modules: tuple[str, ...], *, seed: int, steps: 
         loss.backward()
         optimiser.step()
         constrain_lorax_(model)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return layers, losses
 
 
