@@ -50,8 +50,9 @@ EXIT_BAD_INPUT = 2
 P = ParamSpec("P")
 T = TypeVar("T")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Wide enough for the tables when the output goes to a file or a pipe (rich assumes 80).
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 log = logging.getLogger("migrator.cli")
 
 
