@@ -31,7 +31,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rich.console import Console
-from rich.table import Table
 
 __all__ = ["main"]
 
@@ -262,32 +261,11 @@ def _populate(client, build: Path) -> None:  # type: ignore[no-untyped-def]
 
 def _jobs_table(ctx) -> None:  # type: ignore[no-untyped-def]
     from db import list_jobs, session_scope
+    from migrator.cli.service import job_row, print_job_rows
 
-    table = Table(title="LoRA-X migrations", title_justify="left", header_style="bold")
-    for column in (
-        "job",
-        "adapter",
-        "source base",
-        "target base",
-        "ATC",
-        "decision",
-        "status",
-        "new version",
-    ):
-        table.add_column(column)
     with session_scope(ctx.sessions) as session:
-        for job in list_jobs(session=session):
-            table.add_row(
-                str(job.id),
-                job.adapter_version.ref,
-                job.source_base.ref,
-                job.target_base.ref,
-                "-" if job.atc is None else f"{job.atc:.3f}",
-                "-" if job.policy_decision is None else job.policy_decision.value,
-                job.status.value,
-                job.result_ref or "-",
-            )
-    console.print(table)
+        rows = [job_row(job) for job in list_jobs(session=session)]
+    print_job_rows(rows, title="LoRA-X migrations")
 
 
 def main() -> int:

@@ -137,6 +137,26 @@ class Assessment:
     decisions: tuple[ModuleDecision, ...]
     seconds: float
 
+    def plot(self, out: Path, *, source_label: str, target_label: str) -> Path:
+        """Write the similarity heatmap (left and right) with the chosen pairs marked."""
+        from migrator.reports import plot_similarity
+
+        atc = self.atc
+        matches = [
+            (atc.source_index(d.source), atc.target_index(d.target))
+            for d in self.decisions
+            if d.source is not None and d.decision is not Decision.SKIPPED
+        ]
+        return plot_similarity(
+            atc.phi_left,
+            atc.phi_right,
+            atc.source_names,
+            atc.target_names,
+            out,
+            title=f"{source_label} -> {target_label}: ATC {atc.atc:.3f}",
+            matches=matches,
+        )
+
     @property
     def counts(self) -> dict[str, int]:
         out = {d.value: 0 for d in Decision}

@@ -20,7 +20,6 @@ from migrator.cli.common import (
     table,
 )
 from migrator.registry import Tag, VersionRef
-from migrator.reports import plot_similarity
 from migrator.settings import Settings
 
 if TYPE_CHECKING:
@@ -105,20 +104,7 @@ def atc_command(
         for d in assessment.decisions
     ]
     if plot is not None:
-        matches = [
-            (atc.source_index(d.source), atc.target_index(d.target))
-            for d in assessment.decisions
-            if d.source is not None and d.decision.value != "skipped"
-        ]
-        plot_similarity(
-            atc.phi_left,
-            atc.phi_right,
-            atc.source_names,
-            atc.target_names,
-            plot,
-            title=f"{src.label} -> {tgt.label}: ATC {atc.atc:.3f}",
-            matches=matches,
-        )
+        assessment.plot(plot, source_label=src.label, target_label=tgt.label)
     if as_json:
         emit_json(
             {

@@ -29,11 +29,34 @@ from migrator.database import prepare_database, wait_for_database
 from migrator.settings import Settings
 
 if TYPE_CHECKING:
+    from db import TransferJob
     from migrator.pipeline import Context, TickReport
 
-__all__ = ["health_command", "plan_command", "run_command", "tick_command"]
+__all__ = [
+    "health_command",
+    "job_row",
+    "plan_command",
+    "print_job_rows",
+    "run_command",
+    "tick_command",
+]
 
 log = logging.getLogger(__name__)
+
+
+def job_row(job: TransferJob, detail: str | None = None) -> dict[str, object]:
+    """How a job shows in pass reports: decision, status, the new version (or why not)."""
+    return {
+        "job": job.id,
+        "adapter": job.adapter_version.ref,
+        "source_base": job.source_base.ref,
+        "target_base": job.target_base.ref,
+        "atc": job.atc,
+        "decision": None if job.policy_decision is None else job.policy_decision.value,
+        "status": job.status.value,
+        "new_version": job.result_ref,
+        "reason": detail or job.policy_reason,
+    }
 
 
 def _rows(ctx: Context, report: TickReport) -> list[dict[str, object]]:
@@ -60,29 +83,14 @@ def _rows(ctx: Context, report: TickReport) -> list[dict[str, object]]:
         return rows
     with session_scope(ctx.sessions) as session:
         for job_id in ids:
-            job = get_job(job_id, session=session)
             outcome = results.get(job_id)
-            rows.append(
-                {
-                    "job": job.id,
-                    "adapter": job.adapter_version.ref,
-                    "source_base": job.source_base.ref,
-                    "target_base": job.target_base.ref,
-                    "atc": job.atc,
-                    "decision": None if job.policy_decision is None else job.policy_decision.value,
-                    "status": job.status.value,
-                    "new_version": job.result_ref,
-                    "reason": (
-                        outcome.detail
-                        if outcome and outcome.status != "succeeded"
-                        else job.policy_reason
-                    ),
-                }
-            )
+            detail = outcome.detail if outcome and outcome.status != "succeeded" else None
+            rows.append(job_row(get_job(job_id, session=session), detail))
     return rows
 
 
-def print_report(rows: list[dict[str, object]], report: TickReport, *, title: str) -> None:
+def print_job_rows(rows: list[dict[str, object]], *, title: str) -> None:
+    """The table of pass reports (``tick``, ``plan``, the demo)."""
     table(
         title,
         [
@@ -109,6 +117,10 @@ def print_report(rows: list[dict[str, object]], report: TickReport, *, title: st
             for r in rows
         ],
     )
+
+
+def print_report(rows: list[dict[str, object]], report: TickReport, *, title: str) -> None:
+    print_job_rows(rows, title=title)
     for source, target in report.deprecated:
         out.print(f"{source} deprecated: superseded by {target}")
     for problem in report.problems:

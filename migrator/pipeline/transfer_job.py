@@ -19,7 +19,7 @@ from core.transfer import TransferResult
 from migrator.migration import assess, load_adapter, migrate, module_map, write_migrated
 from migrator.pipeline.context import Workspace, crash_point
 from migrator.registry import ModelVersionInfo, Registry, RunInfo, Tag, VersionRef
-from migrator.reports import TransferSummary, plot_similarity, version_description
+from migrator.reports import TransferSummary, version_description
 from migrator.settings import Settings
 
 __all__ = ["TransferDone", "TransferRequest", "find_registered", "perform_transfer"]
@@ -108,19 +108,8 @@ def perform_transfer(
     write_migrated(migrated, adapter_dir, like=_single_file(adapter_path))
     (out / "module_map.json").write_text(json.dumps(module_map(assessment, result), indent=2))
     atc = assessment.atc
-    matches = [
-        (atc.source_index(d.source), atc.target_index(d.target))
-        for d in assessment.decisions
-        if d.source is not None and d.decision.value != "skipped"
-    ]
-    plot_similarity(
-        atc.phi_left,
-        atc.phi_right,
-        atc.source_names,
-        atc.target_names,
-        out / "similarity.png",
-        title=f"{request.source} -> {request.target}: ATC {atc.atc:.3f}",
-        matches=matches,
+    assessment.plot(
+        out / "similarity.png", source_label=str(request.source), target_label=str(request.target)
     )
     if before_publish is not None:
         before_publish()
