@@ -120,7 +120,8 @@ def print_job_rows(rows: list[dict[str, object]], *, title: str) -> None:
 
 
 def print_report(rows: list[dict[str, object]], report: TickReport, *, title: str) -> None:
-    print_job_rows(rows, title=title)
+    if rows:
+        print_job_rows(rows, title=title)
     for source, target in report.deprecated:
         out.print(f"{source} deprecated: superseded by {target}")
     for problem in report.problems:
