@@ -169,12 +169,15 @@ def assess(source: BaseModel, target: BaseModel, settings: Settings) -> Assessme
     """Subspace similarities, ATC and module decisions of ``source`` -> ``target``.
 
     Both bases are factorized once (full thin SVD, cached on disk by content), which later
-    transfers reuse; the similarity uses the leading ``similarity_rank`` triplets.
+    transfers reuse; the similarity reads and uses only the leading ``similarity_rank``
+    triplets.
     """
     started = time.perf_counter()
     k = settings.similarity_rank
-    source.store.prefetch()
-    target.store.prefetch()
+    # Factorizes what the cache lacks (a complete thin SVD, kept for the transfers) but reads
+    # back only the leading k columns: an SDXL base's full factors are gigabytes.
+    source.store.prefetch(rank=k)
+    target.store.prefetch(rank=k)
     atc = compute_atc(
         source.store.view(rank=k),
         target.store.view(rank=k),
