@@ -386,7 +386,11 @@ class RayExecutor:
         key = settings.ray_address or ""
         with cls._shared_lock:
             if key not in cls._shared:
-                cls._shared[key] = cls(settings.ray_address)
+                cls._shared[key] = cls(
+                    settings.ray_address,
+                    max_retries=settings.ray_max_retries,
+                    cpus_per_task=settings.ray_cpus_per_task,
+                )
             return cls._shared[key]
 
     @classmethod

@@ -73,10 +73,12 @@ _WORKER_STATE: dict[str, tuple[Registry, NodeWorkspace]] = {}
 def _local_settings(settings: Settings) -> Settings:
     """The shipped settings with this worker's own mount points, where it sets them."""
     updates: dict[str, Path] = {}
-    if os.environ.get(WORKER_CACHE_ENV):
-        updates["cache_dir"] = Path(os.environ[WORKER_CACHE_ENV])
-    if os.environ.get(WORKER_SCRATCH_ENV):
-        updates["scratch_dir"] = Path(os.environ[WORKER_SCRATCH_ENV])
+    cache = os.environ.get(WORKER_CACHE_ENV) or settings.worker_cache_dir
+    scratch = os.environ.get(WORKER_SCRATCH_ENV) or settings.worker_scratch_dir
+    if cache:
+        updates["cache_dir"] = Path(cache)
+    if scratch:
+        updates["scratch_dir"] = Path(scratch)
     return settings.model_copy(update=updates) if updates else settings
 
 

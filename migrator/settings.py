@@ -173,6 +173,22 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray address: auto, ray://host:port, or empty for a local Ray."
     )
+    ray_max_retries: int = Field(
+        3, ge=0, description="Ray's retries of a task whose worker or node died."
+    )
+    ray_cpus_per_task: int = Field(
+        1, ge=1, description="CPUs (and torch threads) per Ray factorization task."
+    )
+    worker_cache_dir: Path | None = Field(
+        None,
+        description="On a Ray node (set in that node's environment): where the shared "
+        "factorization cache is mounted there, when not at cache_dir.",
+    )
+    worker_scratch_dir: Path | None = Field(
+        None,
+        description="On a Ray node (set in that node's environment): its scratch folder, when "
+        "not at scratch_dir.",
+    )
 
     @field_validator("database_url", mode="before")
     @classmethod
