@@ -94,9 +94,7 @@ class AdapterVersion(Base):
     base_id: Mapped[int] = mapped_column(ForeignKey("base_model_versions.id"), index=True)
     format: Mapped[AdapterFormat] = mapped_column(_enum_column_type(AdapterFormat, "format"))
     # None until the adapter's files are read (the registry's tags do not say).
-    layout: Mapped[AdapterLayout | None] = mapped_column(
-        _enum_column_type(AdapterLayout, "layout")
-    )
+    layout: Mapped[AdapterLayout | None] = mapped_column(_enum_column_type(AdapterLayout, "layout"))
     rank: Mapped[int | None] = mapped_column(Integer)
     digest: Mapped[str | None] = mapped_column(String(128))
     origin: Mapped[AdapterOrigin] = mapped_column(
