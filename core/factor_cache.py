@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core.factors import Factors
+from core.finite import all_finite
 
 __all__ = ["CacheStats", "FactorCache", "Method"]
 
@@ -124,16 +125,19 @@ class FactorCache:
                 ):
                     raise ValueError("metadata does not match the entry's name")
                 k = stored if rank is None else min(rank, stored)
+                # Slices are views of the file's memory map: a copy lets the map go (a kept view
+                # would hold every page read through it, the whole U and V, for its lifetime).
+                copy = torch.contiguous_format
                 factors = Factors(
-                    U=fh.get_slice("U")[:, :k].contiguous(),
-                    S=fh.get_slice("S")[:k].contiguous(),
-                    V=fh.get_slice("V")[:, :k].contiguous(),
+                    U=fh.get_slice("U")[:, :k].clone(memory_format=copy),
+                    S=fh.get_slice("S")[:k].clone(memory_format=copy),
+                    V=fh.get_slice("V")[:, :k].clone(memory_format=copy),
                     shape=(m, n),
                     exact=method == "exact",
                     digest=digest,
                 )
             tensors = (factors.U, factors.S, factors.V)
-            if any(t.dtype != torch.float32 or not bool(torch.isfinite(t).all()) for t in tensors):
+            if any(t.dtype != torch.float32 or not all_finite(t) for t in tensors):
                 raise ValueError("non-finite or non-float32 factors")
             if bool((factors.S[:-1] < factors.S[1:]).any()) or bool((factors.S < 0).any()):
                 raise ValueError("singular values not sorted and non-negative")

@@ -21,6 +21,7 @@ import torch
 from core.errors import FactorizationError, MissingModuleError, NonFiniteError
 from core.factor_cache import CacheStats, FactorCache, Method
 from core.factors import Factors, canonical_signs
+from core.finite import all_finite
 from core.weights import ModuleInfo, WeightSource
 
 __all__ = [
@@ -111,8 +112,8 @@ def factorize_batch(
         raise ValueError("the randomized SVD needs a rank")
     dev = resolve_device(device)
     stack = torch.stack([w.detach().to(device=dev, dtype=dtype) for w in matrices])
-    finite = torch.isfinite(stack).flatten(1).all(dim=1)
-    if not bool(finite.all()):
+    if not all_finite(stack):
+        finite = torch.isfinite(stack).flatten(1).all(dim=1)
         i = int((~finite).nonzero()[0])
         raise NonFiniteError(
             f"matrix {i} of the batch holds NaN/Inf", key=digests[i] if digests else None
@@ -132,7 +133,7 @@ def factorize_batch(
         raise FactorizationError(f"SVD of a {m} x {n} batch failed: {exc}") from exc
     u, v = canonical_signs(u[..., :k], v[..., :k])
     u, s, v = (t.to(device="cpu", dtype=torch.float32).contiguous() for t in (u, s[..., :k], v))
-    if not (torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(v).all()):
+    if not (all_finite(u) and all_finite(s) and all_finite(v)):
         raise FactorizationError(f"SVD of a {m} x {n} batch returned non-finite factors")
     return tuple(
         Factors(
@@ -228,7 +229,10 @@ class FactorStore:
         progress: optional ``progress(done, total, name)``, called by :meth:`iter_factors` and
             :meth:`prefetch`.
         memory_bytes: budget of the in-memory LRU of factors.
-        batch_bytes: budget of the float32 input of one batched SVD.
+        batch_bytes: budget of the float32 input of one batched SVD (default: 32 MiB on the
+            CPU, where LAPACK factorizes the matrices of a batch one by one and a larger batch
+            only costs memory, about four copies of it at the peak; 256 MiB on CUDA, where a
+            batch runs in parallel).
         oversample, n_iter: randomized SVD settings (see :func:`factorize_batch`).
 
     Raises:
@@ -244,7 +248,7 @@ class FactorStore:
         device: str | torch.device = "cpu",
         progress: ProgressCallback | None = None,
         memory_bytes: int = 512 << 20,
-        batch_bytes: int = 256 << 20,
+        batch_bytes: int | None = None,
         oversample: int | None = None,
         n_iter: int = 4,
     ) -> None:
@@ -257,6 +261,8 @@ class FactorStore:
         self.device = resolve_device(device)
         self.progress = progress
         self.memory_bytes = memory_bytes
+        if batch_bytes is None:
+            batch_bytes = (256 << 20) if self.device.type == "cuda" else (32 << 20)
         self.batch_bytes = batch_bytes
         self.oversample = oversample
         self.n_iter = n_iter

@@ -2,7 +2,10 @@
 
 Notation: source base W_s (m, n) = U_s S_s V_s^T, target base W_t (m', n') = U_t S_t V_t^T,
 adapter update dW_s = s B A with B (m, r), A (r, n), scale s. X_k is the first k columns of X.
-Products run right to left: an m x m projector U U^T is never formed.
+Products run right to left: an m x m projector U U^T is never formed. In project mode a side
+whose dimension equals k keeps its factor: U_t,k is then square and orthogonal, U_t,k U_t,k^T = I
+exactly (Algorithm 1 computes that identity in float32, to about 1e-6), so a square module at full
+rank k = m = n is carried unchanged and needs no target factors at all.
 
 - project (eq. 3; Algorithm 1 at k = p):  B' = U_t,k (L_k^T B),  A' = (A R_k) V_t,k^T
 - subspace (k = r, a LoRA-X of the target): dS' = s (L_r^T B)(A R_r) (r x r, full),
@@ -35,15 +38,18 @@ import torch
 from core.adapter import LoraModule
 from core.errors import BaseMismatchError, NonFiniteError
 from core.factors import Factors
+from core.finite import all_finite
 
 __all__ = [
     "ModuleTransfer",
     "TransferMode",
     "needs_source_factors",
+    "needs_target_factors",
     "project_pair",
     "transfer_module",
 ]
 
+PLAIN_LORA = "plain LoRA, not a LoRA-X: projected onto the target (paper Table 2)"
 SIGN_RISK = (
     "sign/rotation risk: a full dS or plain LoRA is carried through basis coordinates, which "
     "depend on the singular-vector signs of both bases (convention: largest |u_i| entry positive)"
@@ -85,14 +91,23 @@ def project_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3 with target factors of rank k: B' = U_t,k (U_t,k^T B), A' = (A V_t,k) V_t,k^T.
 
+    A side with k = m (left) or k = n (right) is returned as is: its projector is the identity.
+
     Args:
         up: B (m, r); down: A (r, n); target: factors of an (m, n) base holding >= k triplets.
 
     Returns:
         (B', A'), float32, shapes unchanged.
     """
-    u, v = target.U[:, :k], target.V[:, :k]
-    return u @ (u.T @ up.float()), (down.float() @ v) @ v.T
+    m, n = target.shape
+    up, down = up.float(), down.float()
+    if k < m:
+        u = target.U[:, :k]
+        up = u @ (u.T @ up)
+    if k < n:
+        v = target.V[:, :k]
+        down = (down @ v) @ v.T
+    return up, down
 
 
 def _ds_matrix(ds: torch.Tensor, r: int) -> torch.Tensor:
@@ -132,9 +147,26 @@ def needs_source_factors(
     return module.shape != tuple(target_shape) or module.is_compact
 
 
+def needs_target_factors(
+    module: LoraModule,
+    target_shape: tuple[int, int],
+    mode: TransferMode | str,
+    rank: int | None = None,
+) -> bool:
+    """Whether :func:`transfer_module` needs the target base's factors for this module: always,
+    except in project mode for a square, non-compact module of the target's shape at full rank
+    (k = m = n), which eq. 3 leaves unchanged."""
+    if TransferMode(mode) is not TransferMode.PROJECT or module.is_compact:
+        return True
+    m, n = module.shape
+    if tuple(target_shape) != (m, n) or m != n:
+        return True
+    return rank is not None and rank < m
+
+
 def transfer_module(
     module: LoraModule,
-    target: Factors,
+    target: Factors | None,
     source: Factors | None = None,
     *,
     mode: TransferMode | str = TransferMode.PROJECT,
@@ -147,7 +179,8 @@ def transfer_module(
         module: the adapter module on the source base, (m, n), rank r. A compact module is
             expanded with ``source`` first.
         target: factors of the target weight (m', n'). Project mode at ``rank`` None needs all p
-            triplets; other modes need the ranks they use.
+            triplets; other modes need the ranks they use. None where
+            :func:`needs_target_factors` says they are not needed (the module is returned as is).
         source: factors of the source weight; needed for a different shape, a compact module, or
             copy mode without a known dS.
         mode: :class:`TransferMode`.
@@ -164,6 +197,12 @@ def transfer_module(
         NonFiniteError: a non-finite result.
     """
     mode = TransferMode(mode)
+    if target is None:
+        if needs_target_factors(module, module.shape, mode, rank):
+            raise ValueError(f"module {module.name}: this transfer needs the target base's factors")
+        up, down = module.up.float(), module.down.float()
+        notes = [] if lorax else [PLAIN_LORA]
+        return _result(up, down, float(module.scale), None, min(module.shape), notes, module.name)
     (m, n), (mt, nt) = module.shape, target.shape
     if source is not None and source.shape != (m, n):
         raise ValueError(f"module {module.name}: source factors {source.shape} != adapter {(m, n)}")
@@ -173,7 +212,7 @@ def transfer_module(
         raise ValueError(f"module {module.name}: this transfer needs the source base's factors")
     notes: list[str] = []
     if not lorax:
-        notes.append("plain LoRA, not a LoRA-X: projected onto the target (paper Table 2)")
+        notes.append(PLAIN_LORA)
     if reshaped:
         notes.append(f"different shape {m} x {n} -> {mt} x {nt}: mapped through basis coordinates")
         if not copy and (not lorax or module.ds is None or module.ds.ndim == 2):
@@ -239,6 +278,6 @@ def _result(
     name: str,
 ) -> ModuleTransfer:
     up, down = up.float().contiguous(), down.float().contiguous()
-    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+    if not (all_finite(up) and all_finite(down)):
         raise NonFiniteError("transferred module is not finite", key=name)
     return ModuleTransfer(up, down, scale, None if ds is None else ds.float(), k, tuple(notes))

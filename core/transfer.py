@@ -12,15 +12,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from core.adapter import AdapterKind, LoraAdapter, LoraModule
 from core.atc import ATCResult
 from core.errors import InputError, MissingModuleError, NonFiniteError, ShapeMismatchError
 from core.factorize import FactorStore, FactorView
 from core.factors import Factors
+from core.finite import all_finite
 from core.matching import Decision, ModuleDecision
-from core.projection import ModuleTransfer, TransferMode, needs_source_factors, transfer_module
+from core.projection import (
+    ModuleTransfer,
+    TransferMode,
+    needs_source_factors,
+    needs_target_factors,
+    transfer_module,
+)
 
 __all__ = ["ModuleReport", "TransferMode", "TransferResult", "transfer_adapter"]
 
@@ -163,7 +168,7 @@ def _check_adapter(adapter: LoraAdapter, source: FactorBank, used: set[str]) -> 
                 key=name,
             )
         tensors = [module.ds] if module.is_compact else [module.up, module.down]
-        if any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors):
+        if any(t is not None and not all_finite(t) for t in tensors):
             raise NonFiniteError("adapter module holds NaN/Inf", path=adapter.source, key=name)
 
 
@@ -252,11 +257,12 @@ def transfer_adapter(
     results: dict[str, ModuleTransfer] = {}
     target_shapes: dict[str, tuple[int, ...] | None] = {}
     digests: dict[str, str] = {}
-    for name, t_factors in _stream(target, [p.target for p in pairs], target_rank):
+    target_store = _store(target)
+
+    def carry(name: str, t_factors: Factors | None, shape: tuple[int, int]) -> None:
         pair = by_target[name]
         module = adapter.modules[pair.source]
-        reshaped = t_factors.shape != module.shape
-        needs_source = needs_source_factors(module, t_factors.shape, mode)
+        needs_source = needs_source_factors(module, shape, mode)
         s_factors = _get(source, pair.source, None) if needs_source else None
         try:
             results[name] = transfer_module(
@@ -264,14 +270,26 @@ def transfer_adapter(
             )
         except InputError as exc:  # name the adapter file in the message
             raise type(exc)(exc.reason, path=adapter.source, key=exc.key or name) from exc
-        digests[name] = t_factors.digest
-        target_store = _store(target)
+        digests[name] = t_factors.digest if t_factors is not None else ""
         if target_store is not None:
             stored = target_store.info(name).stored_shape
             target_shapes[name] = stored if len(stored) != 2 else None
         else:
-            same = name == pair.source and not reshaped
+            same = name == pair.source and shape == module.shape
             target_shapes[name] = module.weight_shape if same else None
+
+    # Square modules at full rank in project mode are carried as they are (the projectors are
+    # the identity): their target factors are neither read nor computed.
+    streamed = []
+    for pair in pairs:
+        shape = _shape(target, pair.target)
+        assert shape is not None  # _plan kept only targets the bank has
+        if needs_target_factors(adapter.modules[pair.source], shape, mode, rank):
+            streamed.append(pair.target)
+        else:
+            carry(pair.target, None, shape)
+    for name, t_factors in _stream(target, streamed, target_rank):
+        carry(name, t_factors, t_factors.shape)
     return _assemble(adapter, pairs, left_out, results, target_shapes, digests, mode, rank, atc)
 
 
@@ -288,8 +306,9 @@ def _assemble(
 ) -> TransferResult:
     modules: dict[str, LoraModule] = {}
     reports: list[ModuleReport] = []
+    energy = {name: module.energy() for name, module in adapter.modules.items()}
     for pair in pairs:
-        res, src = results[pair.target], adapter.modules[pair.source]
+        res = results[pair.target]
         own = adapter.modules.get(pair.target)
         digest = digests[pair.target] if res.ds is not None else ""
         out = LoraModule(
@@ -312,7 +331,7 @@ def _assemble(
                 mode=mode,
                 rank=out.rank,
                 k=res.k,
-                energy_source=src.energy(),
+                energy_source=energy[pair.source],
                 energy_target=out.energy(),
                 phi=pair.phi,
                 notes=fed_by + res.notes,
@@ -330,13 +349,13 @@ def _assemble(
                 mode=mode,
                 rank=0,
                 k=0,
-                energy_source=adapter.modules[name].energy(),
+                energy_source=energy[name],
                 energy_target=0.0,
                 phi=phi,
                 notes=(why,),
             )
         )
-    total_source = sum(m.energy() for m in adapter.modules.values())
+    total_source = sum(energy.values())
     total_target = sum(r.energy_target for r in reports)
     weighted = [(r.phi, r.energy_source) for r in reports if r.phi is not None]
     weight = sum(w for _, w in weighted)

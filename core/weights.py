@@ -37,6 +37,7 @@ from core.errors import (
     PickleRefusedError,
     UnknownLayoutError,
 )
+from core.finite import all_finite
 from core.safetensors_header import TensorEntry, read_header
 
 __all__ = ["ModuleInfo", "WeightSource"]
@@ -381,9 +382,8 @@ class WeightSource:
         """
         info = self.info(name)
         matrix = self.stored_tensor(name).to(torch.float32).reshape(info.shape)
-        finite = torch.isfinite(matrix)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
+        if not all_finite(matrix):
+            bad = int((~torch.isfinite(matrix)).sum())
             raise NonFiniteError(
                 f"{bad} NaN/Inf values in the weight", path=info.file, key=info.key
             )

@@ -14,7 +14,13 @@ from core.atc import compute_atc
 from core.errors import BaseMismatchError, MissingModuleError, NonFiniteError, ShapeMismatchError
 from core.factorize import FactorStore, factorize
 from core.matching import Decision, match_modules
-from core.projection import SIGN_RISK, TransferMode, project_pair, transfer_module
+from core.projection import (
+    SIGN_RISK,
+    TransferMode,
+    needs_target_factors,
+    project_pair,
+    transfer_module,
+)
 from core.transfer import transfer_adapter
 from core.weights import WeightSource
 from tests.core.reference_algorithm1 import algorithm1
@@ -306,6 +312,40 @@ def test_store_backed_transfer_equals_mapping_backed(tmp_path: Path) -> None:
     via_full = transfer_adapter(adapter, full_factors(src_w), full_factors(tgt_w))
     for name, module in via_views.adapter.modules.items():
         assert relative_error(module.delta(), via_full.adapter.modules[name].delta()) < 1e-5
+
+
+def test_square_modules_at_full_rank_need_no_target_factors(tmp_path: Path) -> None:
+    # U_t U_t^T = I for a square base: eq. 3 leaves such a module as it is, so a cold store
+    # factorizes only the rectangular weights, and the result is still Algorithm 1's
+    target_w = {
+        name: random_matrix(m, n, seed=i) for i, (name, (m, n)) in enumerate(SHAPES.items())
+    }
+    modules = [
+        lora_module(name, m, n, r=8, seed=50 + i) for i, (name, (m, n)) in enumerate(SHAPES.items())
+    ]
+    source = FactorStore(WeightSource.open(write_base(tmp_path / "s.safetensors", target_w)))
+    target = FactorStore(WeightSource.open(write_base(tmp_path / "t.safetensors", target_w)))
+    result = transfer_adapter(adapter_of(modules), source, target, mode="project")
+    rectangular = [name for name, (m, n) in SHAPES.items() if m != n]
+    assert target.computed == len(rectangular) and source.computed == 0
+    ref_lora = {}
+    for mod in modules:
+        ref_lora[f"{mod.name}.lora.up.weight"] = mod.up
+        ref_lora[f"{mod.name}.lora.down.weight"] = mod.down
+    reference = algorithm1(ref_lora, {f"{k}.weight": w for k, w in target_w.items()})
+    for mod in modules:
+        out = result.adapter.modules[mod.name]
+        assert relative_error(out.up, reference[f"{mod.name}.lora.up.weight"]) < 1e-5
+        assert relative_error(out.down, reference[f"{mod.name}.lora.down.weight"]) < 1e-5
+        if mod.name not in rectangular:
+            assert torch.equal(out.up, mod.up.float()) and torch.equal(out.down, mod.down.float())
+    # a truncated rank or another mode does need them; so does a rectangular module
+    assert needs_target_factors(modules[0], (320, 320), "project", rank=16)
+    assert needs_target_factors(modules[0], (320, 320), "subspace")
+    assert needs_target_factors(modules[1], (640, 768), "project")
+    assert not needs_target_factors(modules[0], (320, 320), "project", rank=320)
+    with pytest.raises(ValueError, match="needs the target base's factors"):
+        transfer_module(modules[1], None, mode="project")
 
 
 def test_bad_adapters_raise_typed_errors_naming_the_module() -> None:
