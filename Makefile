@@ -70,8 +70,10 @@ test: lint imports
 check: typecheck test
 
 bench: $(DEV_STAMP)
-	$(BIN)/python bench/transfer_speed.py
-	$(BIN)/python bench/atc_scale.py
+	$(BIN)/python bench/atc_scale.py --threads 1
+	$(BIN)/python bench/transfer_speed.py --threads 1 --models sd15,llama
+	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/ray_scale.py
 
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache

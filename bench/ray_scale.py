@@ -241,20 +241,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--keep", action="store_true", help="keep the two factor caches")
     parser.add_argument("--rounds", type=int, default=None, help="local/ray pairs (default 2)")
+    parser.add_argument("--cache", type=Path, default=WORK, help="models and factor caches")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON")
     args = parser.parse_args()
     name = args.model or ("tiny-unet" if args.quick else "sdxl")
     args.rounds = args.rounds or (1 if args.quick else 2)
     spec = shapes.model_spec(name)
     before = measure.machine()
     with measure.Timer() as gen:
-        model = shapes.generate(spec, cache=WORK)
+        model = shapes.generate(spec, cache=args.cache)
     print(
         f"{name}: {len(spec.modules)} matrices, {spec.params / 1e6:.0f} M weights, "
         f"{model.file_bytes / 1e9:.2f} GB float16 ({gen.seconds:.0f} s to generate or find); "
         f"load {before['load_average']}",
         flush=True,
     )
-    runs = WORK / "runs"
+    runs = args.cache / "runs"
     common = {"base": str(model.base_a), "label": f"{name}/A", "device": args.device}
     locals_: list[dict[str, Any]] = []
     singles: list[dict[str, Any]] = []
@@ -390,7 +392,9 @@ def main() -> None:
             ],
         )
 
-    out = WORK / "ray_scale_quick.json" if args.quick else measure.RESULTS / "ray_scale.json"
+    out = args.out or (
+        args.cache / "ray_scale_quick.json" if args.quick else measure.RESULTS / "ray_scale.json"
+    )
     measure.write_json(
         out,
         {

@@ -197,11 +197,11 @@ def transfer_module(
         NonFiniteError: a non-finite result.
     """
     mode = TransferMode(mode)
+    notes: list[str] = [] if lorax else [PLAIN_LORA]
     if target is None:
         if needs_target_factors(module, module.shape, mode, rank):
             raise ValueError(f"module {module.name}: this transfer needs the target base's factors")
         up, down = module.up.float(), module.down.float()
-        notes = [] if lorax else [PLAIN_LORA]
         return _result(up, down, float(module.scale), None, min(module.shape), notes, module.name)
     (m, n), (mt, nt) = module.shape, target.shape
     if source is not None and source.shape != (m, n):
@@ -210,9 +210,6 @@ def transfer_module(
     reshaped = (m, n) != (mt, nt)
     if needs_source_factors(module, (mt, nt), mode) and source is None:
         raise ValueError(f"module {module.name}: this transfer needs the source base's factors")
-    notes: list[str] = []
-    if not lorax:
-        notes.append(PLAIN_LORA)
     if reshaped:
         notes.append(f"different shape {m} x {n} -> {mt} x {nt}: mapped through basis coordinates")
         if not copy and (not lorax or module.ds is None or module.ds.ndim == 2):

@@ -1,0 +1,111 @@
+"""The benchmark scripts' ``--quick`` modes, so that they never rot (no timing is asserted).
+
+Each script runs as a subprocess exactly as a person would run it, on toy models generated into
+a temporary folder; the JSON it writes must hold the expected rows with finite numbers, and our
+transfers must equal the paper's Algorithm 1 to 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_REL_DIFF = 1e-5
+
+
+def _run(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / f"{script}.json"
+    cmd = [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick"]
+    cmd += ["--cache", str(tmp_path / "cache"), "--out", str(out), *extra]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "|" in done.stdout  # printed a table
+    return json.loads(out.read_text())
+
+
+def _finite(*values: object) -> bool:
+    return all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+
+
+@pytest.mark.slow
+def test_transfer_speed_quick(tmp_path: Path) -> None:
+    result = _run("transfer_speed", tmp_path)
+    assert result["quick"] is True
+    assert result["device"]["used"] == "cpu"
+    rows = result["models"]["tiny-unet"]["rows"]
+    assert [r["adapters"] for r in rows] == [1, 2]
+    assert [r["alg1_estimated"] for r in rows] == [False, True]
+    for r in rows:
+        assert _finite(r["alg1"]["wall_s"], r["speedup_service"], r["speedup_cold"])
+        assert _finite(r["speedup_warm"])
+        for label in ("ours_service", "ours_cold", "ours_warm"):
+            run = r[label]
+            assert _finite(run["wall_s"], run["peak_rss_mb"], run["median_adapter_s"])
+            assert len(run["per_adapter_s"]) == r["adapters"]
+            assert r[f"diff_{label.removeprefix('ours_')}"]["modules_compared"] > 0
+        assert not r["alg1_estimated"] or r["alg1"]["from_measured_n"] == 1
+        assert r["alg1_estimated"] or _finite(r["alg1"]["peak_rss_mb"])
+        assert _finite(r["max_rel_diff"])
+        assert r["max_rel_diff"] <= MAX_REL_DIFF
+    # every target matrix in the service path; the rectangular ones only when cold (a square
+    # module at full rank needs no factors); none when warm (the cache works)
+    service, cold, warm = (rows[0][f"ours_{x}"] for x in ("service", "cold", "warm"))
+    assert service["factorized"] > cold["factorized"] > 0 and warm["factorized"] == 0
+    sizes = result["sizes"]["rows"]
+    assert [r["model"] for r in sizes] == ["grid-b1-w48", "grid-b4-w96"]
+    for r in sizes:
+        assert _finite(r["ours"]["peak_rss_mb"], r["alg1"]["peak_rss_mb"], r["max_rel_diff"])
+        assert r["max_rel_diff"] <= MAX_REL_DIFF
+
+
+@pytest.mark.slow
+def test_atc_scale_quick(tmp_path: Path) -> None:
+    # --device cuda: runs there on a GPU machine, and says so and runs on the CPU elsewhere
+    result = _run("atc_scale", tmp_path, "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert result["device"] == {
+            "requested": "cuda",
+            "used": "cpu",
+            "note": "no CUDA device found: running on CPU",
+        }
+    rows = [result["pair"], *result["sizes"]["rows"]]
+    assert [r["model"] for r in rows] == ["tiny-unet", "grid-b1-w48", "grid-b4-w96"]
+    for r in rows:
+        for method in ("truncated", "exact"):
+            run = r[method]
+            assert _finite(run["wall_s"], run["peak_rss_mb"], run["atc"], run["atc_s"])
+            assert 0.0 <= run["atc"] <= 1.0
+            assert run["factorized"] == 2 * r["matrices"]
+        error = r["error"]
+        assert _finite(error["max_abs_err"], error["mean_abs_err_left"], error["atc_abs_err"])
+        assert 0.0 <= error["max_abs_err"] <= 1.0
+        assert error["pairs_left"] > 0 and error["pairs_right"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_scale_quick(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    out = tmp_path / "ray_scale.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "ray_scale.py"), "--quick"]
+    cmd += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "|" in done.stdout  # printed its tables
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny-unet"
+    assert _finite(result["local_median_s"], result["ray_median_s"], result["local_over_ray"])
+    # the Ray fan-out computes the same factors as the local path
+    assert result["singular_values_max_rel_diff"] <= 1e-4
+    assert result["factors_gb"] > 0
+    assert result["ray_runs"] and all(run["tasks"] for run in result["ray_runs"])
+    workers = [row["workers"] for row in result["division"]]
+    assert workers == sorted(workers) and workers[0] == 1
