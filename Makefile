@@ -72,6 +72,7 @@ check: typecheck test
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/atc_scale.py --threads 1
 	$(BIN)/python bench/transfer_speed.py --threads 1 --models sd15,llama
+	$(BIN)/python bench/transfer_speed.py --threads 1 --models sdxl --sizes ""
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/ray_scale.py
 

@@ -469,9 +469,10 @@ def main(argv: list[str] | None = None) -> int:
                 plan = Plan(plan.counts, args.alg1_max)
             plan = Plan(plan.counts, max(1, min(plan.alg1_max, max(plan.counts))))
             result["models"][name] = run_model(name, plan, args, scratch)
+            result["models"][name]["command"] = result["command"]  # sections of partial runs
             measure.write_json(out, result)
         if sizes:
-            result["sizes"] = run_sizes(sizes, args, scratch)
+            result["sizes"] = run_sizes(sizes, args, scratch) | {"command": result["command"]}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return measure.finish(out, result, print_tables)
