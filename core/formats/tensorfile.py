@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from core.errors import CorruptFileError, NonFiniteError, PickleRefusedError
+from core.finite import all_finite
 from core.safetensors_header import read_header
 
 __all__ = [
@@ -52,7 +53,7 @@ class TensorFile:
 
 def check_finite(tensor: torch.Tensor, *, path: str | Path, key: str) -> None:
     """Raise :class:`NonFiniteError` naming ``path`` and ``key`` if ``tensor`` holds NaN or Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(f"tensor holds {bad} NaN/Inf values", path=path, key=key)
 

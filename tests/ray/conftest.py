@@ -7,7 +7,6 @@ Every test here is marked ``ray`` (deselect with ``-m "not ray"`` where Ray is n
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from core.adapter import AdapterLayout
 from migrator.registry import Registry, Tag, VersionRef
-from tests.fixtures.mlflow import MlflowStore
+from tests.fixtures.mlflow import MlflowStore, fresh_store
 from tests.migrator.scenario import (
     base_weights,
     lorax_adapter,
@@ -52,14 +51,7 @@ def new_store(tmp_path: Path, _mlflow_template: Path) -> Any:
     """A factory of fresh embedded MLflow stores (several per test)."""
 
     def make(name: str) -> MlflowStore:
-        root = tmp_path / name
-        root.mkdir()
-        shutil.copy2(_mlflow_template, root / "mlflow.db")
-        return MlflowStore(
-            uri=f"sqlite:///{root / 'mlflow.db'}",
-            artifact_root=(root / "artifacts").as_uri(),
-            root=root,
-        )
+        return fresh_store(tmp_path / name, _mlflow_template)
 
     return make
 
