@@ -319,6 +319,16 @@ class WeightSource:
         return "multi-part" if any(p.prefix for p in self._parts) else "single"
 
     @property
+    def parts(self) -> tuple[tuple[str, tuple[Path, ...], bool], ...]:
+        """(name prefix, files, is_pickle) of each part read: what :mod:`core.drift` streams
+        every tensor (not only the matrices) from."""
+        return tuple((part.prefix, part.files, part.pickle) for part in self._parts)
+
+    def pickled(self, file: Path) -> Mapping[str, torch.Tensor]:
+        """Every tensor of one pickle checkpoint of this source (the last one loaded is kept)."""
+        return MappingProxyType(self._load_pickle(file))
+
+    @property
     def files(self) -> tuple[Path, ...]:
         """Every weight file read."""
         return tuple(f for part in self._parts for f in part.files)
