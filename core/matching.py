@@ -162,8 +162,8 @@ def _merge(
     row_mass = 1.0 / len(atc.source_names)
     # the exact solver leaves round-off masses (~1e-16) in cells it does not use
     carries = plan[:, j] > _MASS_TOLERANCE * row_mass
-    rows = np.flatnonzero(atc.valid[:, j] & carries & (atc.phi[:, j] >= min_phi))
-    rows = [int(i) for i in rows if i != anchor]
+    found = np.flatnonzero(atc.valid[:, j] & carries & (atc.phi[:, j] >= min_phi))
+    rows = [int(i) for i in found if i != anchor]
     if not rows:
         return d
     column = float(plan[[anchor, *rows], j].sum())
