@@ -142,7 +142,7 @@ QUICK = Experiment(
     train_per_class=40,
     heldout_per_class=10,
     train=TrainConfig(steps=4),
-    mlm=MLMRecipe(max_steps=16, check_every=1, lr=5e-4, warmup=1, batch_size=8, max_length=32),
+    mlm=MLMRecipe(max_steps=30, check_every=1, lr=5e-4, warmup=1, batch_size=8, max_length=32),
     prune=PruneRecipe(steps=4, batch_size=8),
     probes=QUICK_PROBES,
 )
