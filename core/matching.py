@@ -42,6 +42,8 @@ class ModuleDecision:
             same-named source module if there is one, else 0.
         mass: X*_ij of the combined plan for the chosen pair (0 when skipped).
         reason: the decision in words.
+        contributions: for a target fed by several source modules, (source name, weight) of
+            each; its update is the weighted sum of theirs. Empty: ``source`` alone, weight 1.
     """
 
     target: str
@@ -52,6 +54,14 @@ class ModuleDecision:
     phi_right: float
     mass: float
     reason: str
+    contributions: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def sources(self) -> tuple[tuple[str, float], ...]:
+        """(source name, weight) of every module feeding the target (none when skipped)."""
+        if self.decision is Decision.SKIPPED or self.source is None:
+            return ()
+        return self.contributions or ((self.source, 1.0),)
 
 
 def match_modules(atc: ATCResult, *, min_similarity: float) -> tuple[ModuleDecision, ...]:
