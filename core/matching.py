@@ -13,21 +13,13 @@ For each target module j, with Phi the combined similarity and X* the combined p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 
 from core.atc import ATCResult
+from core.vocabulary import Decision
 
 __all__ = ["Decision", "ModuleDecision", "match_modules"]
-
-
-class Decision(StrEnum):
-    """The outcome for one target module."""
-
-    SAME_NAME = "same_name"  # receives the adapter of the source module of the same name
-    REMATCHED = "rematched"  # receives the adapter of another source module (most OT mass)
-    SKIPPED = "skipped"  # receives nothing: no source module similar enough
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ what each base must provide.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 
 from core.factors import Factors
+from core.vocabulary import TransferMode
 
 __all__ = [
     "BaseNeed",
@@ -49,14 +49,6 @@ __all__ = [
     "reshaped",
     "subspace",
 ]
-
-
-class TransferMode(StrEnum):
-    """How an adapter module is carried to the target base."""
-
-    PROJECT = "project"  # eq. 3 at rank k (default k = p: the paper's Algorithm 1)
-    SUBSPACE = "subspace"  # k = r: the result is a LoRA-X of the target with a full r x r dS
-    COPY = "copy"  # Table 5 ablation: the source dS copied onto the target's singular vectors
 
 
 @dataclass(frozen=True, eq=False)
