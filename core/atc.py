@@ -246,7 +246,7 @@ def _same_tensors(source: Sequence[Factors], target: Sequence[Factors]) -> list[
         by_id.setdefault(id(f), []).append(j)
         if f.digest:
             by_digest.setdefault(f.digest, []).append(j)
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for i, f in enumerate(source):
         same = set(by_id.get(id(f), [])) | set(by_digest.get(f.digest, []) if f.digest else [])
         pairs.extend((i, j) for j in sorted(same))
