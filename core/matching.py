@@ -12,48 +12,12 @@ For each target module j, with Phi the combined similarity and X* the combined p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from core.atc import ATCResult
-from core.vocabulary import Decision
+from core.decisions import Decision, ModuleDecision
 
 __all__ = ["Decision", "ModuleDecision", "match_modules"]
-
-
-@dataclass(frozen=True)
-class ModuleDecision:
-    """The decision for one target module.
-
-    Attributes:
-        target: target module name.
-        source: the source module whose adapter it receives (None when skipped).
-        decision: see :class:`Decision`.
-        phi, phi_left, phi_right: similarities of (source, target); for a skip, of the
-            same-named source module if there is one, else 0.
-        mass: X*_ij of the combined plan for the chosen pair (0 when skipped).
-        reason: the decision in words.
-        contributions: for a target fed by several source modules, (source name, weight) of
-            each; its update is the weighted sum of theirs. Empty: ``source`` alone, weight 1.
-    """
-
-    target: str
-    source: str | None
-    decision: Decision
-    phi: float
-    phi_left: float
-    phi_right: float
-    mass: float
-    reason: str
-    contributions: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def sources(self) -> tuple[tuple[str, float], ...]:
-        """(source name, weight) of every module feeding the target (none when skipped)."""
-        if self.decision is Decision.SKIPPED or self.source is None:
-            return ()
-        return self.contributions or ((self.source, 1.0),)
 
 
 def match_modules(atc: ATCResult, *, min_similarity: float) -> tuple[ModuleDecision, ...]:

@@ -23,11 +23,11 @@ import torch
 
 from core.adapter import AdapterKind, LoraAdapter, LoraModule
 from core.atc import ATCResult
+from core.decisions import Decision, ModuleDecision
 from core.errors import InputError
 from core.factor_bank import FactorBank, bank_factors, bank_shape, bank_store, stream_factors
 from core.factorize import FactorStore
 from core.factors import Factors
-from core.matching import Decision, ModuleDecision
 from core.modes import TransferMode
 from core.projection import ModuleTransfer, module_needs, transfer_module
 from core.transfer_plan import OUTSIDE_ASSESSED, LeftOut, Planned, check_adapter, plan_targets

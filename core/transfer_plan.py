@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.adapter import LoraAdapter
+from core.decisions import Decision, ModuleDecision
 from core.errors import MissingModuleError, NonFiniteError, ShapeMismatchError
 from core.factor_bank import FactorBank, bank_shape
 from core.finite import all_finite
-from core.matching import Decision, ModuleDecision
 
 __all__ = ["OUTSIDE_ASSESSED", "LeftOut", "Planned", "check_adapter", "plan_targets"]
 

@@ -2,7 +2,7 @@
 so that settings, the CLI and the job database can use them without loading the math.
 
 The math modules re-export them where they belong (``core.modes.TransferMode``,
-``core.atc.Combine``, ``core.matching.Decision``).
+``core.atc.Combine``); module decisions are in :mod:`core.decisions`, as light.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from enum import StrEnum
 
 import numpy as np
 
-__all__ = ["Combine", "Decision", "TransferMode"]
+__all__ = ["Combine", "TransferMode"]
 
 
 class TransferMode(StrEnum):
@@ -45,11 +45,3 @@ class Combine(StrEnum):
         if self is Combine.MAX:
             return max(left, right)
         return left if self is Combine.LEFT else right
-
-
-class Decision(StrEnum):
-    """The outcome for one target module."""
-
-    SAME_NAME = "same_name"  # receives the adapter of the source module of the same name
-    REMATCHED = "rematched"  # receives the adapter of another source module (most OT mass)
-    SKIPPED = "skipped"  # receives nothing: no source module similar enough
