@@ -6,9 +6,8 @@
   its effect on the source with its transfer's effect on the target.
 - **Matching variants** for a depth-pruned target (:mod:`core.matching`, :mod:`core.layers`):
   merge (a target module gets the mass-weighted combination of every source module sending it
-  mass) and the order-preserving layer map, alone and together. ``core.transfer`` carries one
-  source module per target today, so :func:`carry_contributions` runs it once per contribution
-  slot and concatenates the weighted results: sum_i w_i dW_i as a LoRA of rank sum_i r_i.
+  mass) and the order-preserving layer map, alone and together; ``core.transfer`` carries a
+  target's contributions as sum_i w_i dW_i', one LoRA of rank sum_i r_i.
 - **Rank correlation** of every signal with the share of the trained gain recovered, over all
   targets and seeds, and the decision the proposed thresholds give.
 """
@@ -18,19 +17,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench.quality_report import MIN_TRAINED_GAIN, rank_correlation
-from core.adapter import LoraAdapter, LoraModule
+from core.adapter import LoraAdapter
 from core.atc import ATCResult
 from core.drift import weight_drift
 from core.factorize import FactorStore
 from core.layers import layer_pairs, ordered_plan
-from core.matching import Decision, MatchStrategy, MergeWeights, ModuleDecision, match_modules
+from core.matching import MatchStrategy, MergeWeights, ModuleDecision, match_modules
 from core.transfer import TransferMode, transfer_adapter
 from core.weights import WeightSource
 from migrator.functional import (
@@ -156,41 +153,17 @@ def carry_contributions(
     mode: TransferMode,
     atc: ATCResult,
 ) -> tuple[LoraAdapter, dict[str, float]]:
-    """Transfer where a decision may name several (source, weight) contributions.
-
-    Slot k holds every target's k-th contribution; each slot is one ordinary
-    :func:`core.transfer.transfer_adapter` call, and a target's update is the concatenation
-    up = [w_1 s_1 B_1', w_2 s_2 B_2', ...], down = [A_1'; A_2'; ...] (rank sum r_i, scale 1),
-    i.e. sum_i w_i dW_i'. Returns the adapter and its figures (energy retained over the
-    source adapter's energy).
-    """
-    slots = max((len(d.sources) for d in decisions), default=0)
-    parts: dict[str, list[tuple[float, LoraModule]]] = {}
-    for k in range(slots):
-        chosen, weights = [], {}
-        for d in decisions:
-            if len(d.sources) > k and d.sources[k][0] in adapter.modules:
-                src, weights[d.target] = d.sources[k]
-                how = Decision.SAME_NAME if src == d.target else Decision.REMATCHED
-                chosen.append(replace(d, source=src, decision=how, contributions=()))
-        result = transfer_adapter(adapter, source, target, chosen, mode=mode, atc=atc)
-        for name, module in result.adapter.modules.items():
-            parts.setdefault(name, []).append((weights[name], module))
-    modules = {}
-    for name, pieces in parts.items():
-        up = torch.cat([w * m.scale * m.up.float() for w, m in pieces], dim=1)
-        down = torch.cat([m.down.float() for _, m in pieces], dim=0)
-        modules[name] = LoraModule(name, up, down, 1.0, weight_shape=pieces[0][1].weight_shape)
-    out = LoraAdapter(modules, adapter.kind, adapter.layout, adapter.config, adapter.metadata)
-    total = sum(m.energy() for m in adapter.modules.values())
-    energy = sum(m.energy() for m in modules.values())
-    return out, {
-        "energy_retained": energy / total if total > 0 else 1.0,
-        "modules_transferred": float(len(modules)),
-        "modules_rematched": float(sum(any(s != d.target for s, _ in d.sources) for d in decisions)),
-        "modules_skipped": float(sum(name not in {s for d in decisions for s, _ in d.sources} for name in adapter.modules)),
-        "adapter_weighted_similarity": 0.0,
-    }  # fmt: skip
+    """Transfer with decisions that may name several (source, weight) contributions per target:
+    :func:`core.transfer.transfer_adapter` gives such a target sum_i w_i dW_i', one LoRA of
+    rank sum_i r_i. Returns the adapter and its figures."""
+    result = transfer_adapter(adapter, source, target, decisions, mode=mode, atc=atc)
+    return result.adapter, {
+        "energy_retained": result.energy_retained,
+        "modules_transferred": float(result.modules_transferred),
+        "modules_rematched": float(result.modules_rematched),
+        "modules_skipped": float(result.modules_skipped),
+        "adapter_weighted_similarity": result.adapter_weighted_similarity or 0.0,
+    }
 
 
 def _per_seed_share(rows: Mapping[str, Any], row: str) -> list[float | None]:

@@ -28,79 +28,18 @@ replaces the ATC's plan, e.g. the order-preserving plan of :func:`core.layers.or
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from enum import StrEnum
+from dataclasses import replace
 
 import numpy as np
 
 from core.atc import ATCResult
+from core.decisions import Decision, ModuleDecision
+from core.vocabulary import MatchStrategy, MergeWeights
 
 __all__ = ["Decision", "MatchStrategy", "MergeWeights", "ModuleDecision", "match_modules"]
 
 _MASS_TOLERANCE = 1e-9
 """Masses below this share of a source row's 1/S are solver round-off, not merged."""
-
-
-class Decision(StrEnum):
-    """The outcome for one target module."""
-
-    SAME_NAME = "same_name"  # receives the adapter of the source module of the same name
-    REMATCHED = "rematched"  # receives the adapter of another source module (most OT mass)
-    SKIPPED = "skipped"  # receives nothing: no source module similar enough
-
-
-class MatchStrategy(StrEnum):
-    """How many source modules a target module may receive."""
-
-    ONE_TO_ONE = "one_to_one"  # one source module per target module (the default)
-    MERGE = "merge"  # the mass-weighted combination of every source module sending it mass
-
-
-class MergeWeights(StrEnum):
-    """How a merged target module weighs its source modules' updates."""
-
-    SOURCE = "source"  # w_ij = X_ij / a_i: each source update carried in full over its targets
-    TARGET = "target"  # w_ij = X_ij / sum_i X_ij: a convex combination
-
-
-@dataclass(frozen=True)
-class ModuleDecision:
-    """The decision for one target module.
-
-    Attributes:
-        target: target module name.
-        source: the source module whose adapter it receives (None when skipped).
-        decision: see :class:`Decision`.
-        phi, phi_left, phi_right: similarities of (source, target); for a skip, of the
-            same-named source module if there is one, else 0.
-        mass: X*_ij of the combined plan (or of the ``plan`` given) for the chosen pair (0
-            when skipped).
-        reason: the decision in words.
-        contributions: for a merged decision, every (source module, weight) whose updates the
-            target module receives as sum_i w_i dW_i, the anchor ``source`` first; empty for a
-            one-to-one decision, which means ``((source, 1.0),)`` (see :attr:`sources`). A
-            consumer that reads only ``source`` carries the anchor alone: the one-to-one result.
-    """
-
-    target: str
-    source: str | None
-    decision: Decision
-    phi: float
-    phi_left: float
-    phi_right: float
-    mass: float
-    reason: str
-    contributions: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def sources(self) -> tuple[tuple[str, float], ...]:
-        """(source module, weight) pairs the target receives: ``contributions``, or the one
-        source with weight 1, or nothing when skipped."""
-        if self.contributions:
-            return self.contributions
-        if self.source is None or self.decision is Decision.SKIPPED:
-            return ()
-        return ((self.source, 1.0),)
 
 
 def match_modules(

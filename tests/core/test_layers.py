@@ -160,3 +160,37 @@ def test_layer_pairs_from_module_pairs() -> None:
         ("encoder.layer.0", "encoder.layer.0"),
         ("encoder.layer.2", "encoder.layer.1"),
     )
+
+
+def test_merged_ordered_decisions_carry_every_layer_through_the_transfer(
+    pruned_atc: ATCResult,
+) -> None:
+    """match_modules(merge, ordered plan) -> transfer_adapter: each kept layer receives the sum
+    of the updates of the source layers aligned with it (square modules at full rank are carried
+    unchanged in project mode), and all of the adapter's energy arrives."""
+    from core.transfer import transfer_adapter
+    from tests.core.synthetic import adapter_of, lora_module
+
+    adapter = adapter_of(
+        [lora_module(n, 16, 16, 2, seed=i) for i, n in enumerate(pruned_atc.source_names)]
+    )
+    bank = {n: factorize(random_matrix(16, 16, 0)) for n in pruned_atc.target_names}
+    source = {n: factorize(random_matrix(16, 16, 1)) for n in pruned_atc.source_names}
+    ordered = ordered_plan(pruned_atc)
+    one = transfer_adapter(
+        adapter, source, bank, match_modules(pruned_atc, min_similarity=0.5, plan=ordered.plan)
+    )
+    merged_decisions = match_modules(
+        pruned_atc, min_similarity=0.5, plan=ordered.plan, strategy="merge"
+    )
+    merged = transfer_adapter(adapter, source, bank, merged_decisions)
+    assert 0.3 < one.energy_retained < 0.7
+    assert merged.modules_skipped == 0 and one.modules_skipped > 0
+    for d in merged_decisions:
+        expected = sum(w * adapter.modules[s].delta() for s, w in d.sources)
+        got = merged.adapter.modules[d.target].delta()
+        assert len(d.sources) >= 1
+        assert torch.allclose(got, expected, atol=1e-5)
+    fed = {s for d in merged_decisions for s, _ in d.sources}
+    assert fed == set(pruned_atc.source_names)
+    assert merged.energy_retained > one.energy_retained
