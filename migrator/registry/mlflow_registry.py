@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 from mlflow import MlflowClient
@@ -30,6 +30,9 @@ from migrator.registry.base import (
     VersionRef,
 )
 from migrator.registry.retry import retry_call
+
+if TYPE_CHECKING:
+    from migrator.settings import Settings
 
 __all__ = ["MlflowRegistry", "is_transient"]
 
@@ -140,6 +143,24 @@ class MlflowRegistry:
         self.backoff_s = backoff_s
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=self.registry_uri)
         self._experiment_ids: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MlflowRegistry:
+        """The registry the settings name (URIs, artifact root, retry policy)."""
+        return cls(
+            settings.tracking_uri,
+            settings.registry_uri,
+            artifact_root=settings.artifact_root,
+            retries=settings.registry_retries,
+            backoff_s=settings.registry_backoff_s,
+        )
+
+    def address(self) -> tuple[str, str]:
+        """(tracking URI, registry URI): another process opens the same registry with them."""
+        return (self.tracking_uri, self.registry_uri)
+
+    def __repr__(self) -> str:
+        return f"MlflowRegistry({self.tracking_uri!r}, {self.registry_uri!r})"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
