@@ -312,24 +312,25 @@ class MlflowRegistry:
             ),
         )
         for artifact_path, local in artifacts.items():
-            if local.is_dir():
-                self._call(
-                    f"log artifacts {artifact_path} of run {run_id}",
-                    partial(self.client.log_artifacts, run_id, str(local), artifact_path),
-                )
-            else:
-                parent = str(Path(artifact_path).parent)
-                self._call(
-                    f"log artifact {artifact_path} of run {run_id}",
-                    partial(
-                        self.client.log_artifact,
-                        run_id,
-                        str(local),
-                        None if parent == "." else parent,
-                    ),
-                )
+            self._log_artifact(run_id, artifact_path, local)
         self._call(f"finish run {run_id}", lambda: self.client.set_terminated(run_id, "FINISHED"))
         return RunInfo(run_id, exp_id)
+
+    def _log_artifact(self, run_id: str, artifact_path: str, local: Path) -> None:
+        """A local file or folder as the run's artifact at ``artifact_path``."""
+        if local.is_dir():
+            self._call(
+                f"log artifacts {artifact_path} of run {run_id}",
+                partial(self.client.log_artifacts, run_id, str(local), artifact_path),
+            )
+            return
+        parent = str(Path(artifact_path).parent)
+        self._call(
+            f"log artifact {artifact_path} of run {run_id}",
+            partial(
+                self.client.log_artifact, run_id, str(local), None if parent == "." else parent
+            ),
+        )
 
     def create_version(
         self,
