@@ -16,7 +16,6 @@ from core.adapter import AdapterLayout
 from core.errors import (
     MissingModuleError,
     ShapeMismatchError,
-    UnknownLayoutError,
     UnpairedTensorError,
 )
 from core.formats import MatchRule, UnmatchedReason, read_adapter, resolve_modules, write_adapter
@@ -194,7 +193,7 @@ def test_wrong_shape_for_the_base(unet: nn.Module, tmp_path: Path) -> None:
     assert "ff_net_0_proj" in message and "(128, 32)" in message and "(256, 32)" in message
 
 
-def test_lycoris_tensors_refused(tmp_path: Path) -> None:
+def test_incomplete_loha_refused_by_key(tmp_path: Path) -> None:
     path = tmp_path / "loha.safetensors"
     save_file(
         {
@@ -204,7 +203,7 @@ def test_lycoris_tensors_refused(tmp_path: Path) -> None:
         },
         str(path),
     )
-    with pytest.raises(UnknownLayoutError, match="LoHa") as err:
+    with pytest.raises(UnpairedTensorError, match="hada_w1_b") as err:
         read_adapter(path)
     assert "lora_unet_y.hada_w1_a" in str(err.value)
 
