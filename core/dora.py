@@ -40,7 +40,13 @@ from core.adapter import LoraAdapter, LoraModule, MagnitudeAxis
 from core.errors import NonFiniteError
 from core.finite import all_finite
 
-__all__ = ["carry_dora_magnitudes", "carry_magnitude", "dora_weight", "weight_norms"]
+__all__ = [
+    "carry_dora_magnitudes",
+    "carry_magnitude",
+    "dora_weight",
+    "weight_norms",
+    "with_carried_magnitude",
+]
 
 
 def weight_norms(
@@ -138,6 +144,47 @@ def _channels(module: LoraModule) -> int | None:
     return int(shape[1]) if shape is not None and len(shape) > 2 else None
 
 
+def with_carried_magnitude(
+    source_module: LoraModule,
+    carried: LoraModule,
+    source_weight: torch.Tensor,
+    target_weight: torch.Tensor,
+) -> tuple[LoraModule, tuple[str, ...]]:
+    """``carried`` (the direction part on the target) with the magnitude of ``source_module``
+    carried by :func:`carry_magnitude`.
+
+    Args:
+        source_module: the DoRA module on the source base (its magnitude and update).
+        carried: the transferred module (its update dW_t), without magnitude.
+        source_weight, target_weight: W_s and W_t, (m, n) float32.
+
+    Returns:
+        (the module with its magnitude, notes). When the units differ in number between source
+        and target (a different-shape transfer), the gain cannot be carried: the module gets
+        gain 1 (m_t = ||W_t + dW_t||) and a note says so.
+    """
+    magnitude = source_module.magnitude
+    if magnitude is None:
+        return carried, ()
+    axis = source_module.magnitude_axis
+    target_norms = weight_norms(
+        target_weight, carried.delta(), axis=axis, channels=_channels(carried)
+    )
+    notes: tuple[str, ...] = ()
+    if target_norms.shape != magnitude.shape:
+        notes = (
+            f"DoRA gain not carried ({magnitude.shape[0]} {axis.value} units on the source, "
+            f"{target_norms.shape[0]} on the target): gain 1",
+        )
+        value = target_norms.to(magnitude.dtype)
+    else:
+        source_norms = weight_norms(
+            source_weight, source_module.delta(), axis=axis, channels=_channels(source_module)
+        )
+        value = carry_magnitude(magnitude, source_norms, target_norms)
+    return dataclasses.replace(carried, magnitude=value, magnitude_axis=axis), notes
+
+
 def carry_dora_magnitudes(
     source: LoraAdapter,
     transferred: LoraAdapter,
@@ -145,18 +192,16 @@ def carry_dora_magnitudes(
     source_weight: Callable[[str], torch.Tensor],
     target_weight: Callable[[str], torch.Tensor],
 ) -> tuple[LoraAdapter, tuple[str, ...]]:
-    """Give each transferred module fed by a DoRA module its carried magnitude.
+    """:func:`with_carried_magnitude` for every transferred module fed by a DoRA module.
 
     Args:
         source: the adapter on the source base (its modules hold the magnitudes).
-        transferred: the transferred adapter (direction parts carried, no magnitudes yet).
+        transferred: the transferred adapter (direction parts carried).
         fed_by: target module name -> the source module whose update it received.
         source_weight, target_weight: module name -> the base's (m, n) float32 weight.
 
     Returns:
-        (the transferred adapter with magnitudes, notes). A module whose units differ in number
-        between source and target (a different-shape transfer) gets gain 1
-        (m_t = ||W_t + dW_t||) and a note saying its DoRA gain was not carried.
+        (the transferred adapter with magnitudes, notes prefixed by the module name).
     """
     modules = dict(transferred.modules)
     notes: list[str] = []
@@ -164,20 +209,8 @@ def carry_dora_magnitudes(
         own = source.modules.get(fed_by.get(target_name, ""))
         if own is None or own.magnitude is None:
             continue
-        axis = own.magnitude_axis
-        target_norms = weight_norms(
-            target_weight(target_name), module.delta(), axis=axis, channels=_channels(module)
+        modules[target_name], extra = with_carried_magnitude(
+            own, module, source_weight(own.name), target_weight(target_name)
         )
-        if target_norms.shape != own.magnitude.shape:
-            notes.append(
-                f"{target_name}: DoRA gain not carried ({own.magnitude.shape[0]} {axis.value} "
-                f"units on the source, {target_norms.shape[0]} on the target): gain 1"
-            )
-            carried = target_norms.to(own.magnitude.dtype)
-        else:
-            source_norms = weight_norms(
-                source_weight(own.name), own.delta(), axis=axis, channels=_channels(own)
-            )
-            carried = carry_magnitude(own.magnitude, source_norms, target_norms)
-        modules[target_name] = dataclasses.replace(module, magnitude=carried, magnitude_axis=axis)
+        notes.extend(f"{target_name}: {note}" for note in extra)
     return dataclasses.replace(transferred, modules=modules), tuple(notes)

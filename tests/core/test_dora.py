@@ -5,6 +5,7 @@ reloaded by PEFT, and LyCORIS dora_scale (both conventions) by a hand-applied ch
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from core.adapter import MagnitudeAxis
 from core.dora import carry_dora_magnitudes, carry_magnitude, dora_weight, weight_norms
 from core.factorize import FactorStore
 from core.formats import read_adapter, resolve_modules, write_adapter
+from core.kinds import DORA_GAIN
 from core.transfer import transfer_adapter
 from core.weights import WeightSource
 from tests.core.lora_models import perturbed, save_weights, weights_2d
@@ -138,12 +140,21 @@ def test_peft_dora_carried_to_a_successor_and_reloaded_by_peft(tmp_path: Path) -
         read_adapter(tmp_path / "dora"), {i.name: i.shape for i in source_w.modules()}
     )
     result = transfer_adapter(adapter, FactorStore(source_w), FactorStore(target_w))
-    fed_by = {r.target: r.source for r in result.modules if r.target and r.rank}
-    assert len(fed_by) == len(adapter.modules)
-    carried, notes = carry_dora_magnitudes(
-        adapter, result.adapter, fed_by, source_w.matrix, target_w.matrix
+    assert result.modules_transferred == len(adapter.modules) and not result.left_out
+    assert all(DORA_GAIN in r.notes for r in result.modules)
+    carried = result.adapter
+    assert carried.is_dora
+    # the strategy's finish step is the adapter-level helper, module by module
+    fed_by = {r.target: r.source for r in result.modules if r.target}
+    bare = dataclasses.replace(
+        carried,
+        modules={n: dataclasses.replace(m, magnitude=None) for n, m in carried.modules.items()},
     )
-    assert notes == () and carried.is_dora
+    again, notes = carry_dora_magnitudes(adapter, bare, fed_by, source_w.matrix, target_w.matrix)
+    assert notes == ()
+    for name, module in again.modules.items():
+        assert module.magnitude is not None and carried.modules[name].magnitude is not None
+        torch.testing.assert_close(module.magnitude, carried.modules[name].magnitude)
     out = tmp_path / "carried"
     write_adapter(carried, out)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(successor), str(out)).eval()
