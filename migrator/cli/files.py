@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
@@ -11,6 +11,7 @@ from core.errors import InputError
 from migrator.cli.common import (
     EXIT_BAD_INPUT,
     emit_json,
+    err,
     fail,
     fmt_atc,
     guarded,
@@ -23,6 +24,7 @@ from migrator.registry import Tag, VersionRef
 from migrator.settings import Settings
 
 if TYPE_CHECKING:
+    from core.transfer import TransferResult
     from migrator.migration import BaseModel, ProgressFn
 
 __all__ = ["atc_command", "transfer_command"]
@@ -170,9 +172,17 @@ def transfer_command(
         "--match/--same-name",
         help="Match modules by subspace similarity (default), or carry each to the module of the same name.",
     ),
+    allow_partial: bool = typer.Option(
+        False,
+        "--allow-partial",
+        help="Write the result even when some adapter modules reach no target module (listed).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Carry ADAPTER from base --from to base --to, training-free; write it in its own layout."""
+    """Carry ADAPTER from base --from to base --to, training-free; write it in its own layout.
+
+    Exits 1, writing nothing, when a module of the adapter reaches no module of the target,
+    listing each by name and reason (--allow-partial writes the rest)."""
     from migrator.migration import assess, load_adapter, migrate, write_migrated
 
     if mode not in ("project", "subspace", "copy"):
@@ -186,6 +196,9 @@ def transfer_command(
         assessment = assess(src, tgt, settings) if match else None
         migrated = migrate(loaded, src, tgt, assessment, settings, mode=mode, rank=rank)
     result = migrated.result
+    left_out = _left_out(result)
+    if left_out and not allow_partial:
+        _refuse_partial(left_out, result, as_json)
     like = adapter_path if adapter_path.is_file() else None
     if (
         like is None
@@ -210,6 +223,8 @@ def transfer_command(
         "layout": migrated.layout.value,
         "files": [str(f) for f in files],
         "notes": list(result.notes),
+        "modules_left_out": left_out,
+        "conversions": _conversions(result),
     }
     if as_json:
         emit_json(document)
@@ -228,7 +243,55 @@ def transfer_command(
         ],
     )
     for note in result.notes:
-        out.print(f"note: {note}")
+        out.print(f"note: {note}", markup=False)
+    for item in left_out:
+        out.print(f"left out: {item['module']} ({item['reason']})", markup=False)
+    for c in document["conversions"]:
+        out.print(
+            f"converted: {c['key']} ({c['kind']}) to a rank-{c['rank']} LoRA keeping "
+            f"{c['energy_kept']:.1%} of its energy",
+            markup=False,
+        )
     if not result.is_lorax:
         out.print("note: the input is a plain LoRA, not a LoRA-X: expect a weaker transfer")
     out.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def _left_out(result: TransferResult) -> list[dict[str, object]]:
+    """Every adapter module whose update reaches no target module: name, target, reason."""
+    targets = {r.source: r.target for r in result.modules if r.rank == 0}
+    return [
+        {"module": name, "target": targets.get(name), "reason": why}
+        for name, why in result.left_out
+    ]
+
+
+def _conversions(result: TransferResult) -> list[dict[str, object]]:
+    return [
+        {"key": c.key, "kind": c.kind, "rank": c.rank, "energy_kept": c.energy_kept}
+        for c in result.adapter.conversions
+    ]
+
+
+def _refuse_partial(
+    left_out: list[dict[str, object]], result: TransferResult, as_json: bool
+) -> NoReturn:
+    """List the left-out modules on stderr (and the figures as JSON) and exit 1."""
+    for item in left_out:
+        err.print(f"left out: {item['module']}: {item['reason']}", markup=False, highlight=False)
+    if as_json:
+        emit_json(
+            {
+                "modules_transferred": result.modules_transferred,
+                "modules_rematched": result.modules_rematched,
+                "modules_skipped": result.modules_skipped,
+                "energy_retained": result.energy_retained,
+                "atc": None if result.atc is None else result.atc.atc,
+                "modules_left_out": left_out,
+                "files": [],
+            }
+        )
+    fail(
+        f"{len(left_out)} adapter module(s) reach no module of the target; nothing written "
+        "(--allow-partial writes the rest)"
+    )
