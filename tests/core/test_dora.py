@@ -214,3 +214,32 @@ def test_kohya_dora_scale_read_written_and_applied_by_hand(tmp_path: Path, on_ou
     if not on_out:
         with pytest.raises(ValueError, match="no PEFT form"):
             write_adapter(adapter, tmp_path / "peft", layout="peft")
+
+
+def test_peft_dora_written_in_diffusers_layout_loads_into_a_unet(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from tests.core.lora_models import UNET_TARGETS, tiny_unet, unet_inputs, unet_output
+
+    unet = tiny_unet(0)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, use_dora=True)
+    wrapped = get_peft_model(copy.deepcopy(unet), config)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    wrapped.save_pretrained(str(tmp_path / "peft"))
+    adapter = read_adapter(tmp_path / "peft")
+    out = write_adapter(adapter, tmp_path / "dora.safetensors", layout="diffusers")[0]
+    from safetensors.torch import load_file
+
+    assert any(k.endswith(".lora_magnitude_vector") for k in load_file(out))
+    loaded = tiny_unet(0)
+    loaded.load_lora_adapter(str(out), prefix=None)
+    inputs = unet_inputs()
+    expected = unet_output(wrapped, inputs)
+    assert not torch.allclose(expected, unet_output(unet, inputs), atol=1e-4)
+    torch.testing.assert_close(unet_output(loaded, inputs), expected, rtol=1e-4, atol=1e-5)
