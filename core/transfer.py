@@ -16,6 +16,7 @@ for a different shape, a compact LoRA-X, or copy mode without a known dS.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -268,8 +269,8 @@ def _finish(
         modules[p.target], extra = strategy.finish(
             module,
             modules[p.target],
-            lambda name=p.primary: bank_weight(source, name),
-            lambda name=p.target: bank_weight(target, name),
+            functools.partial(bank_weight, source, p.primary),
+            functools.partial(bank_weight, target, p.target),
         )
         if len(p.sources) > 1:
             extra = (*extra, f"DoRA magnitude carried from {p.primary}, the heaviest source")
@@ -318,6 +319,7 @@ def _reports(
     for p in planned:
         out, res = modules[p.target], carried[p.target]
         fed_by = tuple(f"fed by source module {s}" for s, _ in p.sources if s != p.target)
+        extra = finished.get(p.target, ())
         reports.append(
             ModuleReport(
                 target=p.target,
@@ -329,12 +331,7 @@ def _reports(
                 energy_source=sum(energy[s] for s, _ in p.sources),
                 energy_target=out.energy(),
                 phi=p.phi,
-                notes=(
-                    *((p.note,) if p.note else ()),
-                    *fed_by,
-                    *res.notes,
-                    *finished.get(p.target, ()),
-                ),
+                notes=(*((p.note,) if p.note else ()), *fed_by, *res.notes, *extra),
                 contributions=p.sources,
             )
         )

@@ -199,15 +199,7 @@ def transfer_command(
     left_out = _left_out(result)
     if left_out and not allow_partial:
         _refuse_partial(left_out, result, as_json)
-    like = adapter_path if adapter_path.is_file() else None
-    if (
-        like is None
-        and adapter_path.is_dir()
-        and not (adapter_path / "adapter_config.json").exists()
-    ):
-        singles = list(adapter_path.glob("*.safetensors"))
-        like = singles[0] if len(singles) == 1 else None
-    files = write_migrated(migrated, output, like=like)
+    files = write_migrated(migrated, output, like=_like(adapter_path))
     atc = None if assessment is None else assessment.atc
     document = {
         "modules_transferred": result.modules_transferred,
@@ -244,17 +236,32 @@ def transfer_command(
     )
     for note in result.notes:
         out.print(f"note: {note}", markup=False)
+    _print_losses(left_out, _conversions(result))
+    if not result.is_lorax:
+        out.print("note: the input is a plain LoRA, not a LoRA-X: expect a weaker transfer")
+    out.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+def _like(adapter_path: Path) -> Path | None:
+    """The input's single file, whose name a single-file result keeps."""
+    if adapter_path.is_file():
+        return adapter_path
+    if adapter_path.is_dir() and not (adapter_path / "adapter_config.json").exists():
+        singles = list(adapter_path.glob("*.safetensors"))
+        return singles[0] if len(singles) == 1 else None
+    return None
+
+
+def _print_losses(left_out: list[dict[str, object]], conversions: list[dict[str, object]]) -> None:
+    """What did not come through whole: modules left out, LyCORIS modules converted."""
     for item in left_out:
         out.print(f"left out: {item['module']} ({item['reason']})", markup=False)
-    for c in document["conversions"]:
+    for c in conversions:
         out.print(
             f"converted: {c['key']} ({c['kind']}) to a rank-{c['rank']} LoRA keeping "
             f"{c['energy_kept']:.1%} of its energy",
             markup=False,
         )
-    if not result.is_lorax:
-        out.print("note: the input is a plain LoRA, not a LoRA-X: expect a weaker transfer")
-    out.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
 def _left_out(result: TransferResult) -> list[dict[str, object]]:
