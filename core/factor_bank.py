@@ -6,10 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+import torch
+
 from core.factorize import FactorStore, FactorView
 from core.factors import Factors
 
-__all__ = ["FactorBank", "bank_factors", "bank_shape", "bank_store", "stream_factors"]
+__all__ = [
+    "FactorBank",
+    "bank_factors",
+    "bank_shape",
+    "bank_store",
+    "bank_weight",
+    "stream_factors",
+]
 
 FactorBank = FactorStore | Mapping[str, Factors]
 
@@ -56,3 +65,19 @@ def stream_factors(
         else:
             for name in names:
                 yield name, bank_factors(bank, name, rank)
+
+
+def bank_weight(bank: FactorBank, name: str) -> torch.Tensor:
+    """The (m, n) float32 weight of ``name``: read from the store's weights, or rebuilt from a
+    mapping's complete exact factors (U diag(S) V^T).
+
+    Raises:
+        ValueError: a mapping whose factors of ``name`` are not complete.
+    """
+    store = bank_store(bank)
+    if store is not None:
+        return store.source.matrix(name)
+    factors = bank_factors(bank, name, None)
+    if factors.rank < min(factors.shape):
+        raise ValueError(f"module {name}: the weight needs all {min(factors.shape)} triplets")
+    return (factors.U * factors.S) @ factors.V.T
