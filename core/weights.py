@@ -278,7 +278,7 @@ class WeightSource:
 
     def pickled(self, file: Path) -> Mapping[str, torch.Tensor]:
         """Every tensor of one pickle checkpoint of this source (the last one loaded is kept)."""
-        return MappingProxyType(self._load_pickle(file))
+        return MappingProxyType(self._pickles.load(file))
 
     @property
     def files(self) -> tuple[Path, ...]:
