@@ -54,6 +54,7 @@ from db.leases import (
     complete,
     fail,
     heartbeat,
+    hold,
     release,
 )
 from db.lineage import (
@@ -141,6 +142,7 @@ __all__ = [
     "get_or_create_base_version",
     "get_or_create_job",
     "heartbeat",
+    "hold",
     "job_for_lineage",
     "list_jobs",
     "make_engine",

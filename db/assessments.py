@@ -63,6 +63,7 @@ def store_assessment(
     session: Session,
     timings: Mapping[str, float] | None = None,
     figures: Mapping[str, bytes] | None = None,
+    signals: Mapping[str, Any] | None = None,
 ) -> tuple[Assessment, bool]:
     """Store an assessment with its module pairs, unless one exists for the same key.
 
@@ -74,6 +75,7 @@ def store_assessment(
         timings: seconds per step (factorize, similarity, transport, ...).
         figures: file name -> bytes of figures rendered from it (the similarity heatmap), which
             every transfer run planned from it logs.
+        signals: the pair's other measurements (weights-only drift, the functional check).
 
     Returns:
         ``(assessment, created)``; when one existed it is returned unchanged.
@@ -94,6 +96,7 @@ def store_assessment(
             atc_right=atc_right,
             atc=atc,
             timings=dict(timings or {}),
+            signals=None if signals is None else dict(signals),
             module_pairs=list(module_pairs),
             figures=[AssessmentFigure(name=n, content=c) for n, c in (figures or {}).items()],
         ),

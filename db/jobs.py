@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -132,11 +133,13 @@ def apply_policy_decision(
     session: Session,
     atc: float | None = None,
     actor: str = POLICY_ACTOR,
+    signals: list[dict[str, Any]] | None = None,
 ) -> TransferJob:
     """Move a planned job to the policy's decision: approved, pending_approval or skipped.
 
-    The decision and its reason stay on the job (``policy_decision``, ``policy_reason``); an
-    audit row records it (action ``approve`` when approved automatically, else ``policy``).
+    The decision, its reason and its signals stay on the job (``policy_decision``,
+    ``policy_reason``, ``signals``); an audit row records it (action ``approve`` when approved
+    automatically, else ``policy``).
 
     Raises:
         ValueError: ``decision`` is not one of the three.
@@ -150,6 +153,8 @@ def apply_policy_decision(
     previous = transition(job, decision, now=now)
     job.policy_decision = decision
     job.policy_reason = reason
+    if signals is not None:
+        job.signals = list(signals)
     if atc is not None:
         job.atc = atc
     action = AuditAction.APPROVE if decision is JobStatus.APPROVED else AuditAction.POLICY
@@ -343,6 +348,7 @@ def replan_job(
     reason: str,
     session: Session,
     actor: str = POLICY_ACTOR,
+    signals: list[dict[str, Any]] | None = None,
 ) -> TransferJob:
     """Plan a job waiting for approval again under a new assessment, with an audit row.
 
@@ -360,6 +366,8 @@ def replan_job(
     now = utcnow()
     job.assessment_id, job.atc = assessment_id, atc
     job.policy_decision, job.policy_reason = decision, reason
+    if signals is not None:
+        job.signals = list(signals)
     previous = job.status
     action = AuditAction.POLICY
     if decision is JobStatus.APPROVED:

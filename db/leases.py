@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 from db.engine import SQLITE_IMMEDIATE_FLAG
 from db.enums import AuditAction
 from db.errors import LeaseLostError
-from db.jobs import get_job, record_audit
+from db.jobs import POLICY_ACTOR, get_job, record_audit
 from db.lineage import record_lineage
 from db.models import TransferJob
 from db.status import JobStatus, transition
@@ -41,6 +42,7 @@ __all__ = [
     "complete",
     "fail",
     "heartbeat",
+    "hold",
     "release",
 ]
 
@@ -276,5 +278,43 @@ def fail(
             session=session,
             at=now,
         )
+    session.flush()
+    return job
+
+
+def hold(
+    job_id: int,
+    worker_id: str,
+    reason: str,
+    *,
+    session: Session,
+    signals: list[dict[str, Any]] | None = None,
+    now: datetime | None = None,
+) -> TransferJob:
+    """Hold a running job for an admin: a signal measured on its result failed, so nothing was
+    registered. It waits for approval (``approve`` runs it again, and its result is registered
+    whatever the signals then); the attempt it used stays counted. An audit row (action
+    ``policy``) gives the reason.
+
+    Raises:
+        LeaseLostError: the job is no longer running under ``worker_id``.
+    """
+    now = now or utcnow()
+    job = _held_job(job_id, worker_id, session=session)
+    transition(job, JobStatus.PENDING_APPROVAL, now=now)
+    _clear_lease(job)
+    job.policy_decision = JobStatus.PENDING_APPROVAL
+    job.policy_reason = reason
+    if signals is not None:
+        job.signals = [*(job.signals or []), *signals]
+    record_audit(
+        job,
+        AuditAction.POLICY,
+        actor=POLICY_ACTOR,
+        reason=reason,
+        from_status=JobStatus.RUNNING,
+        session=session,
+        at=now,
+    )
     session.flush()
     return job

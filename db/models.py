@@ -131,6 +131,8 @@ class Assessment(Base):
     atc_right: Mapped[float] = mapped_column(Float)
     atc: Mapped[float] = mapped_column(Float)  # the combination the policy uses
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)  # step -> seconds
+    # The pair's other signals: weights-only drift, the functional check (or why it cannot run).
+    signals: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     source_base: Mapped[BaseModelVersion] = relationship(foreign_keys=[source_base_id])
@@ -218,6 +220,9 @@ class TransferJob(Base):
         _enum_column_type(JobStatus, "policy_decision")
     )
     policy_reason: Mapped[str | None] = mapped_column(Text)
+    # Every signal of the decisions on this job (planning, then the transfer): name, value,
+    # threshold, verdict, detail (migrator.policy.Signal).
+    signals: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     atc: Mapped[float | None] = mapped_column(Float)
     mode: Mapped[str] = mapped_column(String(32), default="project")  # core TransferMode value
 

@@ -8,6 +8,9 @@ Edges (DESIGN.md, "Jobs and state", plus the three the service needs and documen
     running ──────────► succeeded | failed                        the worker finishes
     running ──────────► approved                                  lease expired (reclaim) or
                                                                   graceful release by its worker
+    running ──────────► pending_approval                          held after the transfer: a
+                                                                  signal measured on the result
+                                                                  failed (nothing registered)
     failed ───────────► approved                                  retry: automatic with backoff
                                                                   until max_attempts, then admin
     skipped ──────────► approved                                  admin force (ATC above max_atc)
@@ -64,7 +67,9 @@ ALLOWED_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
     ),
     JobStatus.PENDING_APPROVAL: frozenset({JobStatus.APPROVED, JobStatus.REJECTED}),
     JobStatus.APPROVED: frozenset({JobStatus.RUNNING}),
-    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.APPROVED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.APPROVED, JobStatus.PENDING_APPROVAL}
+    ),
     JobStatus.FAILED: frozenset({JobStatus.APPROVED}),
     JobStatus.SKIPPED: frozenset({JobStatus.APPROVED}),
     JobStatus.REJECTED: frozenset({JobStatus.APPROVED}),
