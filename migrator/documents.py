@@ -122,6 +122,7 @@ def job_document(job: TransferJob, **extra: Any) -> dict[str, Any]:
         "mode": job.mode,
         "policy_decision": None if job.policy_decision is None else job.policy_decision.value,
         "policy_reason": job.policy_reason,
+        "signals": list(job.signals or []),
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "next_attempt_at": job.next_attempt_at,

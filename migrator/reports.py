@@ -103,6 +103,7 @@ class TransferSummary:
     approved_by: str
     is_lorax: bool
     notes: tuple[str, ...] = ()
+    signals: tuple[tuple[str, str], ...] = ()  # (name, "value (threshold): verdict; detail")
 
 
 def _link(text: str, href: str | None) -> str:
@@ -131,6 +132,16 @@ def version_description(s: TransferSummary) -> str:
         f"{s.modules_rematched} / {s.modules_skipped} |",
         f"| approved by | {s.approved_by} |",
     ]
+    if s.signals:
+        lines += [
+            "",
+            "**Signals behind the decision**",
+            "",
+            "| signal | value, threshold, verdict |",
+        ]
+        lines += ["|---|---|"] + [
+            f"| {name} | {text.split(' ', 1)[-1]} |" for name, text in s.signals
+        ]
     notes = list(s.notes)
     if not s.is_lorax:
         notes.insert(

@@ -138,6 +138,57 @@ class Settings(BaseSettings):
         le=1.0,
         description="ATC at or below which a transfer waits for approval; above it is skipped.",
     )
+    max_weight_drift: float = Field(
+        0.01,
+        ge=0.0,
+        description="Weights-only drift (relative Frobenius change over every same-named tensor "
+        "of the two bases) at or below which a transfer may be approved by itself; a source "
+        "tensor missing in the target also holds it for an admin.",
+    )
+    min_functional_agreement: float = Field(
+        0.8,
+        ge=-1.0,
+        le=1.0,
+        description="Functional agreement (the worst debiased CKA of the bases, and the worst "
+        "adapter-effect correlation of each transfer, over probe kinds) at or above which a "
+        "transfer may be approved by itself.",
+    )
+    require_functional_check: bool = Field(
+        False,
+        description="Hold for an admin the transfers whose bases cannot run the functional "
+        "check (no runnable config, too large, another architecture).",
+    )
+    max_dropped_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of an adapter's energy that may reach no target module before its "
+        "transfer waits for an admin instead of being registered.",
+    )
+    functional_check: bool = Field(
+        True,
+        description="Run the data-free functional check where the bases can run (seeded probes "
+        "on the CPU or the configured device).",
+    )
+    functional_probe_count: int = Field(
+        64, ge=4, description="Probes per kind in the functional check (bounds its time)."
+    )
+    functional_probe_length: int = Field(
+        32, ge=4, description="Tokens (or words) per probe of the functional check."
+    )
+    functional_probe_kinds: list[str] = Field(
+        default_factory=lambda: ["token_ids", "words", "text"],
+        description="Text probe kinds: token_ids (random ids), words (random whole words), "
+        "text (generic licence text).",
+    )
+    functional_batch_size: int = Field(
+        32, ge=1, description="Probes per forward pass of the functional check (bounds memory)."
+    )
+    functional_max_parameters: int = Field(
+        3_000_000_000,
+        ge=1,
+        description="Bases with more parameters per component are not built for the check.",
+    )
 
     # --- the daemon --------------------------------------------------------------------
     poll_interval_s: float = Field(60.0, gt=0, description="Seconds between registry polls.")

@@ -6,7 +6,7 @@ imports them.
 
 from migrator.pipeline.context import Context, Workspace
 from migrator.pipeline.executor import Executor, JobOutcome, OutcomeStatus
-from migrator.pipeline.planning import PairATC, Planner, Proposal, policy_decision
+from migrator.pipeline.planning import PairATC, Planner, Proposal, pair_decision
 from migrator.pipeline.snapshot import AdapterEntry, Snapshot, read_registry
 from migrator.pipeline.tick import PlannedJob, TickReport, execute_runnable, run_once
 
@@ -24,7 +24,7 @@ __all__ = [
     "TickReport",
     "Workspace",
     "execute_runnable",
-    "policy_decision",
+    "pair_decision",
     "read_registry",
     "run_once",
 ]

@@ -21,6 +21,7 @@ from migrator.registry import ModelVersionInfo, Registry, Tag, VersionRef
 from migrator.settings import Settings
 
 if TYPE_CHECKING:
+    from migrator.functional.service import BaseFolder, FunctionalBench
     from migrator.pipeline.executor import Executor
 
 __all__ = ["CRASH_ENV", "Context", "Workspace", "crash_point"]
@@ -65,6 +66,7 @@ class Workspace:
         self.registry = registry
         self.keep_bases = keep_bases
         self._bases: OrderedDict[VersionRef, OpenedBase] = OrderedDict()
+        self._functional: FunctionalBench | None = None
         self.progress: ProgressFn | None = None
 
     def _download(self, kind: str, ref: VersionRef) -> Path:
@@ -104,6 +106,20 @@ class Workspace:
         while len(self._bases) > self.keep_bases:
             self._bases.popitem(last=False)
         return base
+
+    def base_folder(self, info: ModelVersionInfo) -> BaseFolder:
+        """The base version's downloaded folder and its ``lorax.weights_path``."""
+        return self._download("bases", info.ref), info.tags.get(Tag.WEIGHTS_PATH) or None
+
+    @property
+    def functional(self) -> FunctionalBench:
+        """Builds bases for the functional check, keeping the last pair (made on first use:
+        it loads the model libraries)."""
+        if self._functional is None:
+            from migrator.functional.service import FunctionalBench
+
+            self._functional = FunctionalBench(self.settings)
+        return self._functional
 
 
 @dataclass

@@ -27,6 +27,7 @@ from db import (
     find_base_version,
     get_job,
     get_or_create_adapter_version,
+    hold,
     session_scope,
 )
 from db.enums import AdapterFormat
@@ -34,13 +35,19 @@ from db.enums import AdapterLayout as DbLayout
 from migrator.documents import decision_from_row
 from migrator.pipeline.context import Context
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus
-from migrator.pipeline.transfer_job import ApprovedAssessment, TransferDone, TransferRequest
+from migrator.pipeline.transfer_job import (
+    ApprovedAssessment,
+    TransferDone,
+    TransferHeld,
+    TransferRequest,
+)
 from migrator.registry import VersionRef
 
 __all__ = [
     "approved_assessment",
     "load_request",
     "record_failure",
+    "record_hold",
     "record_success",
     "settle",
 ]
@@ -62,6 +69,7 @@ def approved_assessment(job: TransferJob) -> ApprovedAssessment | None:
         parameters=dict(row.parameters),
         decisions=tuple(decision_from_row(p, combine) for p in row.module_pairs),
         figures={f.name: bytes(f.content) for f in row.figures},
+        signals=dict(row.signals or {}),
     )
 
 
@@ -78,6 +86,7 @@ def load_request(ctx: Context, job_id: int) -> TransferRequest:
             mode=job.mode,
             approved_by=approvers[-1] if approvers else "policy",
             assessment=approved_assessment(job),
+            signals=tuple(job.signals or ()),
         )
 
 
@@ -100,7 +109,7 @@ def record_success(ctx: Context, request: TransferRequest, done: TransferDone) -
             origin=AdapterOrigin.TRANSFERRED,
             session=session,
         )
-        complete(
+        job = complete(
             request.job_id,
             ctx.settings.worker_id,
             result_adapter_version_id=row.id,
@@ -108,6 +117,8 @@ def record_success(ctx: Context, request: TransferRequest, done: TransferDone) -
             mlflow_run_id=done.run_id,
             session=session,
         )
+        if done.signals:
+            job.signals = [*(job.signals or []), *(dict(x) for x in done.signals)]
     return JobOutcome(request.job_id, OutcomeStatus.SUCCEEDED, "registered", str(done.version))
 
 
@@ -140,6 +151,20 @@ def record_failure(ctx: Context, request: TransferRequest, exc: BaseException) -
     return JobOutcome(request.job_id, status, message)
 
 
+def record_hold(ctx: Context, request: TransferRequest, held: TransferHeld) -> JobOutcome:
+    """The transfer failed a signal: the job waits for an admin, nothing was registered."""
+    with session_scope(ctx.sessions) as session:
+        hold(
+            request.job_id,
+            ctx.settings.worker_id,
+            held.reason,
+            signals=list(held.signals),
+            session=session,
+        )
+    log.warning("job %d (%s -> %s) %s", request.job_id, request.adapter, request.target, held)
+    return JobOutcome(request.job_id, OutcomeStatus.HELD, held.reason)
+
+
 def settle(
     ctx: Context,
     request: TransferRequest,
@@ -162,8 +187,10 @@ def settle(
     except LeaseLostError as exc:
         log.warning("job %d: lease lost, leaving it to its new owner (%s)", job_id, exc)
         return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(exc))
-    except Exception as exc:  # the job fails, the pass goes on
+    except Exception as exc:  # the job fails (or waits for an admin), the pass goes on
         try:
+            if isinstance(exc, TransferHeld):
+                return record_hold(ctx, request, exc)
             return record_failure(ctx, request, exc)
         except LeaseLostError as lost:
             return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(lost))

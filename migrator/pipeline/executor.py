@@ -38,11 +38,12 @@ class OutcomeStatus(StrEnum):
     RETRYING = "retrying"  # failed; retried automatically after a backoff
     LEASE_LOST = "lease_lost"  # another worker holds it now: its outcome is theirs
     RELEASED = "released"  # given back before it started (a stop was asked)
+    HELD = "held"  # transferred, but a signal on the result failed: waits for an admin
 
 
 #: Outcomes after which the job was worked on and its result recorded here.
 FINISHED: frozenset[OutcomeStatus] = frozenset(
-    {OutcomeStatus.SUCCEEDED, OutcomeStatus.FAILED, OutcomeStatus.RETRYING}
+    {OutcomeStatus.SUCCEEDED, OutcomeStatus.FAILED, OutcomeStatus.RETRYING, OutcomeStatus.HELD}
 )
 #: Outcomes that leave the job to another run (this process recorded nothing).
 UNFINISHED: frozenset[OutcomeStatus] = frozenset({OutcomeStatus.LEASE_LOST, OutcomeStatus.RELEASED})

@@ -9,8 +9,9 @@ a transferred one, since chained transfers compound error. The policy then decid
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -32,32 +33,16 @@ from migrator.bases import BaseComparison, assessment_parameters, compare_bases
 from migrator.documents import decision_row
 from migrator.pipeline.context import Context
 from migrator.pipeline.snapshot import AdapterEntry, Snapshot
+from migrator.policy import PolicyDecision, Signal, agreement_of, plan_decision
 from migrator.registry import ModelVersionInfo, RegistryError, RegistryUnavailableError, VersionRef
 from migrator.settings import Settings
 
-__all__ = ["PairATC", "Planner", "Prefetch", "Proposal", "policy_decision"]
+__all__ = ["PairATC", "Planner", "Prefetch", "Proposal", "pair_decision"]
 
 Prefetch = Callable[[Sequence[ModelVersionInfo]], None]
 """Factorizes bases into the cache ahead of their assessment (the executor's; may do nothing)."""
 
 log = logging.getLogger(__name__)
-
-
-def policy_decision(atc: float, settings: Settings) -> tuple[JobStatus, str]:
-    """The approval policy on one ATC: (decision, reason)."""
-    if atc <= settings.auto_approve_atc:
-        return JobStatus.APPROVED, (
-            f"ATC {atc:.3f} <= auto_approve_atc {settings.auto_approve_atc:.2f}: approved by policy"
-        )
-    if atc <= settings.max_atc:
-        return JobStatus.PENDING_APPROVAL, (
-            f"auto_approve_atc {settings.auto_approve_atc:.2f} < ATC {atc:.3f} <= max_atc "
-            f"{settings.max_atc:.2f}: waiting for an admin"
-        )
-    return JobStatus.SKIPPED, (
-        f"ATC {atc:.3f} > max_atc {settings.max_atc:.2f}: the bases are too different "
-        "(an admin can force it)"
-    )
 
 
 @dataclass(frozen=True)
@@ -73,6 +58,20 @@ class PairATC:
     assessment_id: int | None = None
     computed: bool = False  # computed in this pass (not found stored)
     counts: tuple[tuple[str, int], ...] = ()
+    signals: Mapping[str, Any] = field(default_factory=dict)  # drift, functional check
+
+
+def pair_decision(pair: PairATC, settings: Settings) -> PolicyDecision:
+    """The policy on every signal of a pair that has an ATC (:mod:`migrator.policy`)."""
+    assert pair.atc is not None
+    agreement, unavailable = agreement_of(pair.signals.get("functional", {}), "cka")
+    return plan_decision(
+        pair.atc,
+        settings,
+        drift=pair.signals.get("drift"),
+        base_agreement=agreement,
+        functional_unavailable=unavailable,
+    )
 
 
 def _stored_pair(source: VersionRef, target: VersionRef, stored: Assessment) -> PairATC:
@@ -87,6 +86,7 @@ def _stored_pair(source: VersionRef, target: VersionRef, stored: Assessment) -> 
         stored.atc_right,
         assessment_id=stored.id,
         counts=tuple(sorted(counts.items())),
+        signals=dict(stored.signals or {}),
     )
 
 
@@ -101,6 +101,7 @@ class Proposal:
     decision: JobStatus
     reason: str
     candidates: tuple[tuple[str, float | None], ...]
+    signals: tuple[Signal, ...] = ()
 
     @property
     def source_base(self) -> VersionRef:
@@ -197,12 +198,13 @@ class Planner:
             src = self.ctx.workspace.base(self.snapshot.bases[source])
             tgt = self.ctx.workspace.base(self.snapshot.bases[target])
             result = compare_bases(src, tgt, self.ctx.settings)
+            signals = self._measure(source, target, result)
         except InputError as exc:
             return PairATC(source, target, error=f"assessing {source} -> {target}: {exc}")
         self.assessments[(source, target)] = result
         assessment_id = None
         if not self.dry_run and src_row is not None and tgt_row is not None:
-            assessment_id = self._store(result, src_row, tgt_row, session=session)
+            assessment_id = self._store(result, signals, src_row, tgt_row, session=session)
         atc = result.atc
         self.ctx.say(
             f"ATC {source} -> {target}: {atc.atc:.3f} (left {atc.atc_left:.3f}, "
@@ -217,11 +219,33 @@ class Planner:
             assessment_id=assessment_id,
             computed=True,
             counts=tuple(sorted(result.counts.items())),
+            signals=signals,
         )
+
+    def _measure(
+        self, source: VersionRef, target: VersionRef, result: BaseComparison
+    ) -> dict[str, Any]:
+        """The pair's signals beside ATC: weights-only drift over every same-named tensor, and
+        the functional check where it can change the decision (ATC <= max_atc)."""
+        from migrator.functional.service import drift_document
+
+        ws, s = self.ctx.workspace, self.ctx.settings
+        src_info, tgt_info = self.snapshot.bases[source], self.snapshot.bases[target]
+        drift = drift_document(ws.base(src_info).source, ws.base(tgt_info).source)
+        if result.atc.atc > s.max_atc:
+            functional: dict[str, Any] = {"unavailable": "not run: ATC above max_atc"}
+        else:
+            self.ctx.say(f"functional check {source} -> {target}")
+            matched = [(src, d.target) for d in result.decisions for src, _ in d.sources]
+            functional = ws.functional.base_check(
+                ws.base_folder(src_info), ws.base_folder(tgt_info), matched
+            )
+        return {"drift": drift, "functional": functional}
 
     def _store(
         self,
         result: BaseComparison,
+        signals: Mapping[str, Any],
         src_row: BaseModelVersion,
         tgt_row: BaseModelVersion,
         *,
@@ -241,6 +265,7 @@ class Planner:
             module_pairs=[ModulePair(**decision_row(d)) for d in result.decisions],
             timings={"assess_s": result.seconds},
             figures={"similarity.png": heatmap},
+            signals=dict(signals),
             session=session,
         )
         return row.id
@@ -260,14 +285,18 @@ class Planner:
             pair = self.pair_atc(source, target, session=session)
             if pair.atc is None or pair.assessment_id is None:
                 continue  # cannot assess now (bad content, outage): it waits as it is
-            decision, why = policy_decision(pair.atc, self.ctx.settings)
-            reason = f"re-planned: the assessment parameters changed since it was planned; {why}"
+            verdict = pair_decision(pair, self.ctx.settings)
+            reason = (
+                f"re-planned: the assessment parameters changed since it was planned; "
+                f"{verdict.reason}"
+            )
             replan_job(
                 job.id,
                 assessment_id=pair.assessment_id,
                 atc=pair.atc,
-                decision=decision,
+                decision=verdict.decision,
                 reason=reason,
+                signals=verdict.as_json(),
                 session=session,
             )
             replanned.append((job.id, reason))
@@ -317,9 +346,13 @@ class Planner:
         entry, pair = min(scored, key=rank)
         shown = tuple((str(e.ref), p.atc) for e, p in scored)
         if pair.atc is None:
-            decision, reason = JobStatus.SKIPPED, pair.error or "no ATC"
-        else:
-            decision, reason = policy_decision(pair.atc, self.ctx.settings)
-            if len(scored) > 1:
-                reason += f"; source {entry.ref} chosen among {len(scored)} versions (lowest ATC)"
-        return Proposal(lineage, entry, target, pair, decision, reason, shown)
+            return Proposal(
+                lineage, entry, target, pair, JobStatus.SKIPPED, pair.error or "no ATC", shown
+            )
+        verdict = pair_decision(pair, self.ctx.settings)
+        reason = verdict.reason
+        if len(scored) > 1:
+            reason += f"; source {entry.ref} chosen among {len(scored)} versions (lowest ATC)"
+        return Proposal(
+            lineage, entry, target, pair, verdict.decision, reason, shown, verdict.signals
+        )

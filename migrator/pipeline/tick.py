@@ -32,6 +32,7 @@ from migrator.pipeline.context import Context
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus
 from migrator.pipeline.planning import PairATC, Planner, Proposal
 from migrator.pipeline.snapshot import Snapshot, read_registry
+from migrator.policy import signals_json
 from migrator.registry import Tag, VersionRef
 
 __all__ = ["PlannedJob", "TickReport", "execute_runnable", "run_once"]
@@ -178,7 +179,12 @@ def _apply(ctx: Context, proposal: Proposal, session: Session) -> int | None:
     if not created:
         return None
     apply_policy_decision(
-        job.id, proposal.decision, reason=proposal.reason, atc=proposal.pair.atc, session=session
+        job.id,
+        proposal.decision,
+        reason=proposal.reason,
+        atc=proposal.pair.atc,
+        signals=signals_json(proposal.signals),
+        session=session,
     )
     return job.id
 

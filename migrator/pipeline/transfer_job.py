@@ -17,17 +17,33 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.adapter import LoraAdapter
 from core.decisions import ModuleDecision
 from core.errors import InputError
 from core.transfer import TransferResult
-from migrator.adapters import carry_adapter, load_adapter, single_file_of, write_carried
+from db.jobs import POLICY_ACTOR
+from migrator.adapters import (
+    CarriedAdapter,
+    carry_adapter,
+    load_adapter,
+    single_file_of,
+    write_carried,
+)
 from migrator.documents import module_map
 from migrator.pipeline.context import Workspace, crash_point
+from migrator.policy import (
+    Signal,
+    Verdict,
+    agreement_of,
+    signals_from_json,
+    signals_json,
+    transfer_signals,
+)
 from migrator.registry import ModelVersionInfo, Registry, RunInfo, Tag, VersionRef
 from migrator.reports import TransferSummary, version_description
 from migrator.settings import Settings
@@ -36,6 +52,7 @@ __all__ = [
     "ApprovedAssessment",
     "MissingAssessmentError",
     "TransferDone",
+    "TransferHeld",
     "TransferRequest",
     "find_registered",
     "perform_transfer",
@@ -61,10 +78,23 @@ class ApprovedAssessment:
     parameters: Mapping[str, Any]
     decisions: tuple[ModuleDecision, ...]
     figures: Mapping[str, bytes] = field(default_factory=dict)
+    signals: Mapping[str, Any] = field(default_factory=dict)  # drift, functional check
 
 
 class MissingAssessmentError(InputError):
     """A job whose stored assessment is gone: there are no approved decisions to apply."""
+
+
+class TransferHeld(Exception):
+    """A job approved by the policy whose transferred adapter fails a signal: it waits for an
+    admin and nothing is registered (``reason``; ``signals``: the transfer's, as stored)."""
+
+    def __init__(self, reason: str, signals: list[dict[str, Any]]) -> None:
+        super().__init__(reason, signals)
+        self.reason, self.signals = reason, signals
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,7 @@ class TransferRequest:
     mode: str
     approved_by: str
     assessment: ApprovedAssessment | None  # None: its stored assessment was deleted
+    signals: tuple[Mapping[str, Any], ...] = ()  # the planning decision's, as stored
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,7 @@ class TransferDone:
     layout: str | None
     rank: int | None
     reused: bool  # found already registered (a re-run after a crash)
+    signals: tuple[Mapping[str, Any], ...] = ()  # measured on the transferred adapter
 
 
 def find_registered(registry: Registry, request: TransferRequest) -> ModelVersionInfo | None:
@@ -145,6 +177,7 @@ def perform_transfer(
     loaded = load_adapter(adapter_path, source, settings)
     crash_point("mid_transfer")
     carried = carry_adapter(loaded, source, target, approved.decisions, settings, mode=request.mode)
+    checked = _transfer_signals(settings, registry, workspace, request, loaded.adapter, carried)
     out = settings.scratch_dir / "jobs" / str(request.job_id)
     if out.exists():
         shutil.rmtree(out)
@@ -166,18 +199,55 @@ def perform_transfer(
         params=_params(
             request, approved, carried.result, loaded.input_kind.value, carried.layout.value
         ),
-        metrics=_metrics(approved, carried.result),
+        metrics=_metrics(approved, carried.result, [*request.signals, *checked]),
         tags={Tag.TRANSFERRED_FROM: str(request.adapter), Tag.BASE: str(request.target)},
         artifacts=artifacts,
     )
     crash_point("after_run")
-    version = _register(registry, request, approved, run, carried.result, adapter_info)
+    shown = signals_from_json([*request.signals, *checked])
+    version = _register(registry, request, approved, run, carried.result, adapter_info, shown)
     crash_point("after_register")
     fmt = version.tags.get(Tag.FORMAT, "lora")
     rank = carried.adapter.rank
     return TransferDone(
-        request.job_id, version.ref, run.run_id, fmt, carried.layout.value, rank, False
+        request.job_id, version.ref, run.run_id, fmt, carried.layout.value, rank, False, checked
     )
+
+
+def _transfer_signals(
+    settings: Settings,
+    registry: Registry,
+    workspace: Workspace,
+    request: TransferRequest,
+    adapter: LoraAdapter,
+    carried: CarriedAdapter,
+) -> tuple[dict[str, Any], ...]:
+    """The signals measured on the transferred adapter, before anything is registered: the
+    share of its energy left out, its effect agreement (:mod:`migrator.policy`).
+
+    Raises:
+        TransferHeld: one fails and the job was approved by the policy, not by an admin.
+    """
+    check: dict[str, Any] = {"unavailable": "the functional check is off"}
+    if settings.functional_check:
+        folders = [
+            workspace.base_folder(registry.get_version(ref))
+            for ref in (request.source, request.target)
+        ]
+        check = workspace.functional.adapter_check(
+            folders[0], folders[1], adapter, carried.result.adapter
+        )
+    agreement, unavailable = agreement_of(check, "agreement")
+    signals = transfer_signals(
+        carried.result.dropped_energy_share, agreement, unavailable, settings
+    )
+    stored = tuple(signals_json(signals))
+    failing = [x.line() for x in signals if x.verdict is Verdict.HOLD]
+    if failing and request.approved_by == POLICY_ACTOR:
+        left_out = "; ".join(f"{m} ({why})" for m, why in carried.result.left_out[:5])
+        reason = "held after the transfer, nothing registered: " + "; ".join(failing)
+        raise TransferHeld(reason + (f"; left out: {left_out}" if left_out else ""), list(stored))
+    return stored
 
 
 def _params(
@@ -202,8 +272,14 @@ def _params(
     }
 
 
-def _metrics(approved: ApprovedAssessment, result: TransferResult) -> dict[str, float]:
+def _metrics(
+    approved: ApprovedAssessment, result: TransferResult, signals: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    measured = {
+        f"signal_{x['name']}": float(x["value"]) for x in signals if x.get("value") is not None
+    }
     return {
+        **measured,
         "atc": approved.atc,
         "atc_left": approved.atc_left,
         "atc_right": approved.atc_right,
@@ -223,6 +299,7 @@ def _register(
     run: RunInfo,
     result: TransferResult,
     adapter_info: ModelVersionInfo,
+    signals: Sequence[Signal],
 ) -> ModelVersionInfo:
     found = find_registered(registry, request)
     if found is not None:
@@ -260,6 +337,7 @@ def _register(
         approved_by=request.approved_by,
         is_lorax=result.is_lorax,
         notes=tuple(result.notes),
+        signals=tuple((x.name, x.line()) for x in signals),
     )
     return registry.create_version(
         name=request.adapter.name,
