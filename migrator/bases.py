@@ -19,6 +19,7 @@ from core.errors import InputError
 from core.factor_cache import FactorCache
 from core.factorize import FactorStore
 from core.factors import Factors
+from core.layers import ordered_plan
 from core.matching import Decision, ModuleDecision, match_modules
 from core.selection import DEFAULT_PATTERNS, ModuleSelector, RoleRule
 from core.weights import WeightSource
@@ -55,6 +56,9 @@ def assessment_parameters(settings: Settings) -> dict[str, object]:
         "weighted": settings.weighted_similarity,
         "combine": settings.atc_combine.value,
         "module_min_similarity": settings.module_min_similarity,
+        "match_strategy": settings.match_strategy.value,
+        "merge_weights": settings.merge_weights.value,
+        "order_preserving_layers": settings.order_preserving_layers,
         "patterns": list(settings.module_patterns or DEFAULT_PATTERNS),
         "role_substitutions": [list(p) for p in settings.role_substitutions],
     }
@@ -165,7 +169,8 @@ def compare_bases(source: OpenedBase, target: OpenedBase, settings: Settings) ->
     """Subspace similarities, ATC and module decisions of ``source`` -> ``target``.
 
     The similarity reads only the leading ``similarity_rank`` triplets of the selected modules;
-    what the cache lacks is factorized (and cached by content) first.
+    what the cache lacks is factorized (and cached by content) first. Modules are matched as
+    ``match_strategy`` / ``order_preserving_layers`` say.
     """
     started = time.perf_counter()
     k = settings.similarity_rank
@@ -177,5 +182,12 @@ def compare_bases(source: OpenedBase, target: OpenedBase, settings: Settings) ->
         role_rule=role_rule(settings),
         combine=settings.atc_combine,
     )
-    decisions = match_modules(atc, min_similarity=settings.module_min_similarity)
+    plan = ordered_plan(atc).plan if settings.order_preserving_layers else None
+    decisions = match_modules(
+        atc,
+        min_similarity=settings.module_min_similarity,
+        strategy=settings.match_strategy,
+        plan=plan,
+        merge_weights=settings.merge_weights,
+    )
     return BaseComparison(atc, decisions, time.perf_counter() - started)

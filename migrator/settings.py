@@ -23,7 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from core.vocabulary import Combine, TransferMode
+from core.vocabulary import Combine, MatchStrategy, MergeWeights, TransferMode
 
 __all__ = ["ConfigFileError", "Device", "ExecutorKind", "Settings", "load_settings"]
 
@@ -105,6 +105,22 @@ class Settings(BaseSettings):
     )
     module_min_similarity: float = Field(
         0.5, ge=0.0, le=1.0, description="Per-module similarity threshold (filter blocks)."
+    )
+    match_strategy: MatchStrategy = Field(
+        MatchStrategy.ONE_TO_ONE,
+        description="one_to_one: a target module receives one source module's update; merge: "
+        "the mass-weighted combination of every source module of its role the transport sends "
+        "it (carries what a depth-pruned successor drops).",
+    )
+    merge_weights: MergeWeights = Field(
+        MergeWeights.SOURCE,
+        description="In merge matching: source (each source update carried in full over its "
+        "targets) or target (a convex combination per target).",
+    )
+    order_preserving_layers: bool = Field(
+        False,
+        description="Match layers by an order-preserving (monotone) alignment over the "
+        "similarities instead of unconstrained transport, for successors of another depth.",
     )
     module_patterns: list[str] | None = Field(
         None,
