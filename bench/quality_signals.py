@@ -64,7 +64,7 @@ PROPOSED = {
     "max_weight_drift": 0.01,
     "min_functional_agreement": 0.8,
 }
-"""The thresholds proposed from this bench (see bench/README.md, "Signals beside ATC")."""
+"""The service's default thresholds (migrator.settings), printed beside the decisions."""
 
 MATCH_VARIANTS: dict[str, tuple[str, MatchStrategy, bool, MergeWeights]] = {
     "lorax_project_merge": ("merge (OT plan)", MatchStrategy.MERGE, False, MergeWeights.SOURCE),
@@ -175,17 +175,24 @@ def _per_seed_share(rows: Mapping[str, Any], row: str) -> list[float | None]:
     return [v / t if abs(t) > 1e-9 else None for v, t in zip(values, trained, strict=True)]
 
 
-def _decision(atc: float, drift: float, cka: float | None, effect: float | None) -> str:
-    p = PROPOSED
-    if atc > p["max_atc"]:
-        return "skipped"
-    checks = [
-        atc <= p["auto_approve_atc"],
-        drift <= p["max_weight_drift"],
-        cka is not None and cka >= p["min_functional_agreement"],
-        effect is not None and effect >= p["min_functional_agreement"],
-    ]
-    return "approved" if all(checks) else "pending"
+def _decision(
+    atc: float, drift: float, missing_share: float, cka: float | None, effect: float | None
+) -> str:
+    """What the service's policy (:mod:`migrator.policy`, default settings) decides: at
+    planning on ATC, drift and the bases' agreement, then on the transfer's effect agreement
+    (the bench's adapters drop no module it counts, so the dropped share is not held here)."""
+    from migrator.policy import Verdict, plan_decision, transfer_signals
+    from migrator.settings import Settings
+
+    settings = Settings(data_dir=Path(".bench-policy"), tracking_uri="sqlite:///unused.db")
+    doc = {"drift": drift, "missing": int(missing_share > 0), "missing_share": missing_share}
+    planned = plan_decision(
+        atc, settings, drift=doc, base_agreement=cka, functional_unavailable=None
+    )
+    if planned.decision.value != "approved":
+        return {"pending_approval": "pending"}.get(planned.decision.value, planned.decision.value)
+    after = transfer_signals(0.0, effect, None, settings)
+    return "pending" if any(x.verdict is Verdict.HOLD for x in after) else "approved"
 
 
 def signal_summary(targets: Mapping[str, Any], row: str = "lorax_project") -> dict[str, Any]:
@@ -209,7 +216,8 @@ def signal_summary(targets: Mapping[str, Any], row: str = "lorax_project") -> di
                 "target": name, "seed": seed, "share": share, "atc": t["atc"], "drift": t["drift"],
                 **{f"cka_{k}": cka.get(k) for k in KINDS},
                 **{f"effect_{k}": (-1.0 if effect.get(k) is None else effect[k]) for k in KINDS},
-                "decision": _decision(t["atc"], t["drift"], min(cka.values()) if cka else None, worst_effect),
+                "decision": _decision(t["atc"], t["drift"], t.get("drift_missing_share", 0.0),
+                                      min(cka.values()) if cka else None, worst_effect),
             }  # fmt: skip
             points.append(point)
     signals = ["atc", "drift", *(f"cka_{k}" for k in KINDS), *(f"effect_{k}" for k in KINDS)]
