@@ -16,8 +16,16 @@ from db.catalog import (
     get_or_create_adapter_version,
     get_or_create_base_version,
 )
+from db.deliveries import remember_delivery
 from db.engine import make_engine, make_session_factory, normalize_url, session_scope
-from db.enums import AdapterFormat, AdapterLayout, AdapterOrigin, AuditAction, BaseStatus
+from db.enums import (
+    AdapterFormat,
+    AdapterLayout,
+    AdapterOrigin,
+    AuditAction,
+    BaseStatus,
+    RegistryAction,
+)
 from db.errors import (
     DatabaseNotAtHeadError,
     IllegalTransitionError,
@@ -53,9 +61,11 @@ from db.leases import (
     claim,
     complete,
     fail,
+    fail_exhausted_leases,
     heartbeat,
     hold,
     release,
+    start,
 )
 from db.lineage import (
     LineageEntry,
@@ -72,8 +82,11 @@ from db.models import (
     BaseModelVersion,
     Lineage,
     ModulePair,
+    RegistryEvent,
     TransferJob,
+    WebhookDelivery,
 )
+from db.registry_events import duplicate_events, record_duplicate
 from db.status import (
     ACTIVE,
     ALLOWED_TRANSITIONS,
@@ -118,9 +131,12 @@ __all__ = [
     "LineageEntry",
     "ModulePair",
     "ReasonRequiredError",
+    "RegistryAction",
+    "RegistryEvent",
     "SchemaDriftError",
     "TransferJob",
     "UTCDateTime",
+    "WebhookDelivery",
     "ancestors",
     "apply_policy_decision",
     "approve",
@@ -131,8 +147,10 @@ __all__ = [
     "count_by_status",
     "deprecate_base",
     "descendants",
+    "duplicate_events",
     "ensure_at_head",
     "fail",
+    "fail_exhausted_leases",
     "find_adapter_version",
     "find_assessment",
     "find_base_version",
@@ -151,13 +169,16 @@ __all__ = [
     "normalize_url",
     "params_hash",
     "pending_approvals",
+    "record_duplicate",
     "record_lineage",
     "reject",
     "release",
+    "remember_delivery",
     "replan_job",
     "retry",
     "session_scope",
     "stale_pending_jobs",
+    "start",
     "store_assessment",
     "store_figures",
     "transition",

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["AdapterFormat", "AdapterLayout", "AdapterOrigin", "AuditAction", "BaseStatus"]
+__all__ = [
+    "AdapterFormat",
+    "AdapterLayout",
+    "AdapterOrigin",
+    "AuditAction",
+    "BaseStatus",
+    "RegistryAction",
+]
 
 
 class BaseStatus(StrEnum):
@@ -54,3 +61,11 @@ class AuditAction(StrEnum):
     FORCE = "force"  # skipped|rejected -> approved by an admin
     RETRY = "retry"  # failed -> approved, automatic (actor "system") or by an admin
     POLICY = "policy"  # planned -> pending_approval|skipped by the ATC policy
+
+
+class RegistryAction(StrEnum):
+    """What a registry event row records."""
+
+    # A version that doubles another one (same lineage, source and target) was tagged
+    # ``lorax.duplicate_of`` with the version kept, and the job database points at the kept one.
+    DUPLICATE_MARKED = "duplicate_marked"

@@ -10,6 +10,12 @@ Claiming (one statement, then transitions in Python, all in the caller's transac
   claimers in different processes run one after the other and each sees the previous one's
   commit.
 
+Attempts are spent by work, not by claims: :func:`start` counts one when an executor begins a
+job's work. A batch claimed together and lost (the worker crashed) costs its queued jobs
+nothing; the job whose work had begun has spent its attempt, and one that has spent
+``max_attempts`` that way fails for good when its lease is found expired (logged at ERROR;
+:func:`fail_exhausted_leases` returns them for the pass to report).
+
 Every status change goes through :func:`db.status.transition`. A worker only touches a job
 while it is running under its own name; otherwise :class:`~db.errors.LeaseLostError`.
 Times are the workers' clocks (UTC): replicas need synchronised clocks and a lease well above
@@ -18,11 +24,12 @@ any skew.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
 from db.engine import SQLITE_IMMEDIATE_FLAG
@@ -41,10 +48,14 @@ __all__ = [
     "claim",
     "complete",
     "fail",
+    "fail_exhausted_leases",
     "heartbeat",
     "hold",
     "release",
+    "start",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 300.0
 #: The actor of automatic retries.
@@ -82,6 +93,48 @@ def _lease_until(now: datetime, lease_seconds: float) -> datetime:
 def _clear_lease(job: TransferJob) -> None:
     job.lease_owner = None
     job.lease_expires_at = None
+    job.started_at = None
+
+
+def _expired(now: datetime) -> ColumnElement[bool]:
+    return and_(TransferJob.status == JobStatus.RUNNING, TransferJob.lease_expires_at <= now)
+
+
+def _fail_if_exhausted(job: TransferJob, now: datetime) -> bool:
+    """Fail for good a job whose lease expired after it spent its last attempt."""
+    if job.started_at is None or job.attempts < job.max_attempts:
+        return False
+    transition(job, JobStatus.FAILED, now=now)
+    job.last_error = (
+        f"lease of {job.lease_owner!r} expired at attempt {job.attempts} of "
+        f"{job.max_attempts}; not retried automatically"
+    )
+    log.error(
+        "job %d failed for good: %s (`migrator jobs retry %d`)", job.id, job.last_error, job.id
+    )
+    _clear_lease(job)
+    return True
+
+
+def fail_exhausted_leases(*, session: Session, now: datetime | None = None) -> list[TransferJob]:
+    """Fail for good every running job whose lease expired after its work spent the last
+    attempt (its worker died ``max_attempts`` times on it); each is logged at ERROR.
+
+    Returns:
+        The jobs failed now (possibly none).
+    """
+    now = now or utcnow()
+    stmt = (
+        select(TransferJob)
+        .where(_expired(now), TransferJob.started_at.is_not(None))
+        .where(TransferJob.attempts >= TransferJob.max_attempts)
+        .order_by(TransferJob.id)
+        .with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
+    )
+    failed = [job for job in session.scalars(stmt) if _fail_if_exhausted(job, now)]
+    session.flush()
+    return failed
 
 
 def claim(
@@ -95,10 +148,10 @@ def claim(
     """Claim up to ``limit`` runnable jobs for ``worker_id``, oldest first.
 
     Each claimed job becomes running with ``lease_owner = worker_id`` and a lease until
-    ``now + lease_seconds``; ``attempts`` counts the claim. A running job whose lease expired
-    goes back to approved (reclaim) and is claimed like any other; if it has already used
-    ``max_attempts`` it becomes failed instead ("lease expired"), so a job that kills its
-    workers cannot loop forever.
+    ``now + lease_seconds``; the claim spends no attempt (:func:`start` does). A running job
+    whose lease expired goes back to approved (reclaim) and is claimed like any other, at no
+    cost if its work had not begun; if its work had begun on its last attempt it becomes
+    failed instead ("lease expired"), so a job that kills its workers cannot loop forever.
 
     Commit soon after: on PostgreSQL the claimed rows stay locked until then, on SQLite the
     whole database does.
@@ -121,10 +174,9 @@ def claim(
         TransferJob.status == JobStatus.APPROVED,
         or_(TransferJob.next_attempt_at.is_(None), TransferJob.next_attempt_at <= now),
     )
-    expired = and_(TransferJob.status == JobStatus.RUNNING, TransferJob.lease_expires_at <= now)
     stmt = (
         select(TransferJob)
-        .where(or_(due, expired))
+        .where(or_(due, _expired(now)))
         .order_by(TransferJob.id)
         .limit(limit)
         .with_for_update(skip_locked=True)  # PostgreSQL; SQLite renders no FOR UPDATE
@@ -133,20 +185,14 @@ def claim(
     claimed: list[TransferJob] = []
     for job in session.scalars(stmt):
         if job.status is JobStatus.RUNNING:  # its lease expired
-            if job.attempts >= job.max_attempts:
-                transition(job, JobStatus.FAILED, now=now)
-                job.last_error = (
-                    f"lease of {job.lease_owner!r} expired at attempt {job.attempts} of "
-                    f"{job.max_attempts}; not retried automatically"
-                )
-                _clear_lease(job)
+            if _fail_if_exhausted(job, now):
                 continue
             transition(job, JobStatus.APPROVED, now=now)  # reclaim
         transition(job, JobStatus.RUNNING, now=now)
-        job.attempts += 1
         job.lease_owner = worker_id
         job.lease_expires_at = lease_until
         job.heartbeat_at = now
+        job.started_at = None
         job.next_attempt_at = None
         claimed.append(job)
     session.flush()
@@ -158,6 +204,24 @@ def _held_job(job_id: int, worker_id: str, *, session: Session) -> TransferJob:
     job = get_job(job_id, session=session, for_update=True)
     if job.status is not JobStatus.RUNNING or job.lease_owner != worker_id:
         raise LeaseLostError(job_id, worker_id, job.status.value, job.lease_owner)
+    return job
+
+
+def start(
+    job_id: int, worker_id: str, *, session: Session, now: datetime | None = None
+) -> TransferJob:
+    """The executor begins the job's work: one attempt is spent (once per lease; a second call
+    under the same lease changes nothing).
+
+    Raises:
+        LeaseLostError: the job is no longer running under ``worker_id``.
+    """
+    now = now or utcnow()
+    job = _held_job(job_id, worker_id, session=session)
+    if job.started_at is None:
+        job.started_at = now
+        job.attempts += 1
+        session.flush()
     return job
 
 
@@ -187,8 +251,9 @@ def heartbeat(
 def release(
     job_id: int, worker_id: str, *, session: Session, now: datetime | None = None
 ) -> TransferJob:
-    """Give a running job back unfinished (graceful shutdown): approved again at once, and the
-    claim does not count as an attempt.
+    """Give a running job back unfinished (a stop, or the registry or database unreachable):
+    approved again at once. An attempt its work had begun is given back too: the job was not at
+    fault.
 
     Raises:
         LeaseLostError: the job is no longer running under ``worker_id``.
@@ -196,8 +261,9 @@ def release(
     now = now or utcnow()
     job = _held_job(job_id, worker_id, session=session)
     transition(job, JobStatus.APPROVED, now=now)
+    if job.started_at is not None:
+        job.attempts = max(0, job.attempts - 1)
     _clear_lease(job)
-    job.attempts = max(0, job.attempts - 1)
     job.next_attempt_at = None
     session.flush()
     return job
@@ -251,7 +317,9 @@ def fail(
     With ``retryable`` and fewer than ``max_attempts`` attempts so far, the job goes
     failed -> approved with ``next_attempt_at = now + backoff.delay(attempts)`` and an audit
     row (action retry, actor ``system``). Otherwise it stays failed for an admin
-    (:func:`db.jobs.retry`). Bad input (``retryable=False``) is not worth retrying.
+    (:func:`db.jobs.retry`). Bad input (``retryable=False``) is not worth retrying. A failure
+    of a job whose work was not marked started (:func:`start`) still spends an attempt, so a
+    job that keeps failing cannot loop forever.
 
     Raises:
         LeaseLostError: the job is no longer running under ``worker_id``.
@@ -259,6 +327,8 @@ def fail(
     now = now or utcnow()
     backoff = backoff or BackoffPolicy()
     job = _held_job(job_id, worker_id, session=session)
+    if job.started_at is None:
+        job.attempts += 1
     transition(job, JobStatus.FAILED, now=now)
     _clear_lease(job)
     job.last_error = error

@@ -26,7 +26,14 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from db.base import Base
-from db.enums import AdapterFormat, AdapterLayout, AdapterOrigin, AuditAction, BaseStatus
+from db.enums import (
+    AdapterFormat,
+    AdapterLayout,
+    AdapterOrigin,
+    AuditAction,
+    BaseStatus,
+    RegistryAction,
+)
 from db.status import JobStatus
 from db.timestamps import UTCDateTime, utcnow
 
@@ -38,7 +45,9 @@ __all__ = [
     "BaseModelVersion",
     "Lineage",
     "ModulePair",
+    "RegistryEvent",
     "TransferJob",
+    "WebhookDelivery",
 ]
 
 _NAME = 255  # registered model names
@@ -226,7 +235,9 @@ class TransferJob(Base):
     atc: Mapped[float | None] = mapped_column(Float)
     mode: Mapped[str] = mapped_column(String(32), default="project")  # core TransferMode value
 
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far
+    # Attempts started so far: counted when an executor begins the job's work (db.leases.start),
+    # not when it is claimed, so a claim lost before the work began costs nothing.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # None: at once
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -234,6 +245,8 @@ class TransferJob(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When the work of the current lease began (None: claimed, not started yet).
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     result_adapter_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("adapter_versions.id", ondelete="SET NULL")
@@ -297,3 +310,37 @@ class Lineage(Base):
 
     parent: Mapped[AdapterVersion] = relationship(foreign_keys=[parent_id])
     child: Mapped[AdapterVersion] = relationship(foreign_keys=[child_id])
+
+
+class RegistryEvent(Base):
+    """What the service changed in the registry outside a job's own run, and why: the audit of
+    the reconciler (a duplicate version marked, naming the version kept)."""
+
+    __tablename__ = "registry_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action: Mapped[RegistryAction] = mapped_column(_enum_column_type(RegistryAction, "action"))
+    actor: Mapped[str] = mapped_column(String(255))  # the worker id of the pass
+    name: Mapped[str] = mapped_column(String(_NAME))  # registered model
+    version: Mapped[str] = mapped_column(String(_VERSION))  # the version acted on
+    kept_version: Mapped[str | None] = mapped_column(String(_VERSION))
+    job_tag: Mapped[str | None] = mapped_column(String(64))  # its lorax.job value
+    # The job of this database whose result the action concerns, if any.
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("transfer_jobs.id", ondelete="SET NULL"), index=True
+    )
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """A webhook delivery id accepted once: a replay of it inside the timestamp window is
+    refused. Rows older than the window are pruned (a replay that old fails the timestamp
+    check anyway)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(String(255), unique=True)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)  # X-MLflow-Timestamp
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

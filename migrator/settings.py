@@ -233,6 +233,30 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         None, description="Shared secret of the MLflow webhook (HMAC-SHA256 signatures)."
     )
+    webhook_max_body_bytes: int = Field(
+        1 << 20, ge=1, description="Largest delivery body; a larger one is refused unread (413)."
+    )
+    webhook_max_header_bytes: int = Field(
+        16384, ge=1024, description="Largest request line and headers of a delivery, together."
+    )
+    webhook_idle_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds a connection may wait for a request's headers (new or "
+        "kept alive) before it is closed.",
+    )
+    webhook_request_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a request may take from its headers to its reply."
+    )
+    webhook_max_connections: int = Field(
+        64, ge=1, description="Connections served at once; requests past it are refused (503)."
+    )
+    webhook_timestamp_window_s: float = Field(
+        300.0,
+        gt=0,
+        description="How far a delivery's timestamp may be from now; its id is "
+        "remembered that long, so a replay is refused (409).",
+    )
 
     # --- execution ---------------------------------------------------------------------
     executor: ExecutorKind = Field(

@@ -117,3 +117,24 @@ def test_image_installs_with_the_makefile() -> None:
     copied = set(re.findall(r"^COPY (\S+)", dockerfile, flags=re.M))
     for needed in ("core", "db", "migrator", "alembic"):
         assert needed in copied, f"the image lacks {needed}/"
+
+
+def test_readme_states_the_delivery_guarantees_in_one_table() -> None:
+    section = README[README.index("## Delivery guarantees") :]
+    section = section[: section.index("\n## ")]
+    rows = re.findall(r"^\| (?!fault |---)(.+?) \|", section, flags=re.M)
+    for fault in (
+        "killed right after claiming",
+        "killed mid-transfer",
+        "after registering",
+        "reply is lost",
+        "registered twice",
+        "registry unreachable",
+        "job database unreachable",
+        "replayed",
+        "forged",
+        "oversize",
+    ):
+        assert any(fault in row for row in rows), f"no row for {fault!r}"
+    for signal_ in ("migrator health", "exits 1", "ERROR", "WARNING"):
+        assert signal_ in section, signal_

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from db import SchemaDriftError, migrations
+from db import DatabaseNotAtHeadError, SchemaDriftError, migrations
 from migrator.cli.common import EXIT_FAILED, emit_json, guarded, out, state
 from migrator.database import ensure_sqlite_parent
 
@@ -41,7 +41,7 @@ def db_check(
     current, head = migrations.current(url), migrations.head()
     problem = None
     if current != head:
-        problem = f"database at revision {current or 'none'}, code expects {head}: run `migrator db upgrade`"
+        problem = str(DatabaseNotAtHeadError(current, head))  # the message other commands give
     else:
         try:
             migrations.check(url)

@@ -25,7 +25,7 @@ from migrator.cli.common import (
     table,
 )
 from migrator.daemon import Daemon, StopToken
-from migrator.database import prepare_database, wait_for_database
+from migrator.database import health_counts, prepare_database, wait_for_database
 from migrator.settings import Settings
 
 if TYPE_CHECKING:
@@ -152,6 +152,8 @@ def _document(rows: list[dict[str, object]], report: TickReport) -> dict[str, ob
         "assessments": report.assessments,
         "jobs": rows,
         "problems": report.problems,
+        "duplicates": [{"version": d, "duplicate_of": k} for d, k in report.duplicates],
+        "unavailable": report.unavailable,
     }
 
 
@@ -174,6 +176,8 @@ def tick_command(
         print_report(rows, report, title="migration pass")
     from migrator.pipeline.executor import FAILURES
 
+    if report.unavailable:
+        fail(f"{report.unavailable}; the pass ended early, no job spent an attempt on it")
     if any(o.status in FAILURES for o in report.outcomes):
         raise typer.Exit(EXIT_FAILED)
 
@@ -247,25 +251,31 @@ def run_command() -> None:
 
     def tick(token: StopToken) -> str:
         ctx.stop = token
+        last = "failed"
         try:
             report = run_once(ctx)
+            last = f"ended early: {report.unavailable}" if report.unavailable else "ok"
             return str(report)
         finally:
-            heartbeat.write_text(json.dumps({"at": time.time(), "worker": settings.worker_id}))
+            beat = {"at": time.time(), "worker": settings.worker_id, "pass": last}
+            heartbeat.write_text(json.dumps(beat))
 
     daemon = Daemon(tick, settings.poll_interval_s, on_forced_stop=lambda: _release_held(ctx))
     stop = daemon.stop
     receiver = None
     if settings.webhook_enabled:
-        from migrator.webhook import WebhookReceiver
+        from migrator.webhook import WebhookLimits, WebhookReceiver, database_deliveries
 
         if settings.webhook_secret is None:
             fail("webhook_enabled needs webhook_secret (MIGRATOR_WEBHOOK_SECRET)", EXIT_BAD_INPUT)
+        limits = WebhookLimits.from_settings(settings)
         receiver = WebhookReceiver(
             settings.webhook_host,
             settings.webhook_port,
             settings.webhook_secret.get_secret_value(),
             daemon.poll_now,
+            limits=limits,
+            deliveries=database_deliveries(ctx.sessions, limits.timestamp_window_s),
         )
         receiver.start()
     try:
@@ -283,7 +293,11 @@ def health_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Exit 0 when the daemon on this host finished a pass recently (for liveness probes)."""
+    """Exit 0 when the daemon on this host finished a pass recently (for liveness probes).
+
+    Also says how the last pass ended and counts jobs per status, jobs failed for good and
+    duplicate versions marked (these do not change the exit code).
+    """
     settings = state.settings()
     path = _heartbeat_file(settings)
     limit = max_age_s if max_age_s is not None else 3 * settings.poll_interval_s + 300
@@ -298,7 +312,9 @@ def health_command(
             "max_age_s": limit,
             "worker": beat.get("worker"),
             "last_pass": datetime.fromtimestamp(float(beat["at"]), UTC).isoformat(),
+            "last_pass_result": beat.get("pass"),
         }
+    doc.update(health_counts(settings.database_url.get_secret_value()))
     if as_json:
         emit_json(doc)
     else:

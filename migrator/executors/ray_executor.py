@@ -57,7 +57,8 @@ from migrator.executors.ray_runtime import (
 )
 from migrator.executors.ray_tasks import GATE_TIMEOUT_S
 from migrator.executors.shipping import FORWARDED_ENV, worker_settings
-from migrator.pipeline.execution import load_request, settle
+from migrator.pipeline.breaker import outage_reason
+from migrator.pipeline.execution import give_back, load_request, mark_started, settle
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus, release_jobs
 from migrator.pipeline.lease_keeper import LeaseKeeper
 from migrator.pipeline.transfer_job import TransferDone, TransferRequest
@@ -220,16 +221,15 @@ class RayExecutor:
     def run(self, ctx: Context, job_ids: Sequence[int]) -> list[JobOutcome]:
         """Submit every claimed job as a Ray task, keep its lease, record how it ended.
 
-        A stop requested before submission releases the jobs; once submitted, the batch is
-        waited for (a killed daemon leaves its jobs to lease expiry: nothing is lost).
+        A job's attempt is spent at its submission. A stop requested before submission, or the
+        pass's breaker (the registry or the database unreachable), releases the jobs not yet
+        submitted; once submitted, the batch is waited for (a killed daemon leaves its jobs to
+        lease expiry: nothing is lost).
         """
         if ctx.stop.requested:
             return release_jobs(ctx, job_ids)
         _check_registry(ctx)
         ray = self.connect()
-        transfer, options = remote()[0], self._transfer_options()
-        # Without a GPU of its own a task must not touch one (the factorization tasks hold them).
-        shipped = worker_settings(ctx.settings, device=None if self.transfer_gpus else Device.CPU)
         requests = {job_id: load_request(ctx, job_id) for job_id in job_ids}
         outcomes: list[JobOutcome] = []
         pending: dict[Any, int] = {}
@@ -242,22 +242,55 @@ class RayExecutor:
         ) as leases:
             try:
                 for job_id, request in requests.items():
-                    if not leases.hold([job_id]):
-                        lost = leases.lost[job_id]
-                        outcomes.append(JobOutcome(job_id, OutcomeStatus.LEASE_LOST, lost))
-                        continue
-                    # the gate is open before the task can ask it
-                    ray.get(gate.hold.remote(job_id, valid_for_s), timeout=GATE_TIMEOUT_S)
-                    ref = transfer.options(name=f"transfer job {job_id}", **options).remote(
-                        shipped, request, gate
-                    )
-                    pending[ref] = job_id
-                    started[job_id] = time.perf_counter()
+                    outcome = self._submit(ctx, request, leases, pending)
+                    if outcome is None:
+                        started[job_id] = time.perf_counter()
+                    else:
+                        outcomes.append(outcome)
                 outcomes += _wait_for(ctx, requests, pending, started, leases)
             finally:
                 for ref in pending:  # only on an error here: the leases expire, jobs return
                     ray.cancel(ref)
         return outcomes
+
+    def _submit(
+        self,
+        ctx: Context,
+        request: TransferRequest,
+        leases: LeaseKeeper,
+        pending: dict[Any, int],
+    ) -> JobOutcome | None:
+        """Submit one job's transfer task (into ``pending``), its attempt spent; or say why
+        not (its lease is gone, the breaker tripped)."""
+        import ray
+
+        job_id = request.job_id
+        if ctx.breaker.tripped:
+            released = release_jobs(ctx, [job_id])
+            return released[0] if released else JobOutcome(job_id, OutcomeStatus.LEASE_LOST, "")
+        if not leases.hold([job_id]):
+            return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, leases.lost[job_id])
+        # the gate is open before the task can ask it
+        ray.get(self._gate.hold.remote(job_id, ctx.settings.lease_s / 2), timeout=GATE_TIMEOUT_S)
+        try:
+            mark_started(ctx, job_id)
+        except Exception as exc:
+            leases.drop(job_id)
+            if isinstance(exc, LeaseLostError):
+                return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(exc))
+            reason = outage_reason(exc)
+            if reason is None:
+                raise
+            return give_back(ctx, job_id, reason)
+        transfer = remote()[0]
+        # Without a GPU of its own a task must not touch one (the factorization tasks hold them).
+        device = None if self.transfer_gpus else Device.CPU
+        shipped = worker_settings(ctx.settings, device=device)
+        ref = transfer.options(name=f"transfer job {job_id}", **self._transfer_options()).remote(
+            shipped, request, self._gate
+        )
+        pending[ref] = job_id
+        return None
 
     def _transfer_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from migrator.bases import OpenedBase, ProgressFn, open_base
 from migrator.daemon import StopToken
+from migrator.pipeline.breaker import Breaker
 from migrator.registry import ModelVersionInfo, Registry, Tag, VersionRef
 from migrator.settings import Settings
 
@@ -29,7 +30,8 @@ __all__ = ["CRASH_ENV", "Context", "Workspace", "crash_point"]
 log = logging.getLogger(__name__)
 
 #: Test hook: ``MIGRATOR_CRASH_AT=<point>[:<count>]`` kills the process (exit 137, no cleanup)
-#: when a job reaches ``<point>`` (``mid_transfer``, ``after_run``, ``after_register``), at most
+#: when a pass or a job reaches ``<point>`` (``after_claim``: a batch claimed, no job started;
+#: ``mid_transfer``, ``after_run``, ``after_register``: inside a job's work), at most
 #: ``<count>`` times per marker file (``MIGRATOR_CRASH_MARKER``), so a restarted daemon goes on.
 CRASH_ENV = "MIGRATOR_CRASH_AT"
 
@@ -133,6 +135,7 @@ class Context:
     workspace: Workspace
     executor: Executor
     stop: StopToken = field(default_factory=StopToken)
+    breaker: Breaker = field(default_factory=Breaker)  # ends the pass on an outage
     on_progress: Callable[[str], None] | None = None
 
     def say(self, message: str) -> None:

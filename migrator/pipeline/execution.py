@@ -7,6 +7,11 @@ Order matters for crash safety: the registry is written before the database, the
 found again by the job's tags when a job is re-run, and the database is written only while the
 lease is ours. A crash anywhere loses nothing (the lease expires and the job is reclaimed) and
 duplicates nothing.
+
+Attempts: an executor calls :func:`mark_started` right before a job's work (the local
+executor) or at its submission (Ray); that spends the attempt. A job whose work ends because the
+registry or the database is unreachable is given back with the attempt refunded
+(:func:`give_back`) and trips the pass's breaker: an outage is nobody's fault but the service's.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from db import (
     get_job,
     get_or_create_adapter_version,
     hold,
+    release,
     session_scope,
+    start,
 )
 from db.enums import AdapterFormat
 from db.enums import AdapterLayout as DbLayout
 from migrator.documents import decision_from_row
+from migrator.pipeline.breaker import outage_reason
 from migrator.pipeline.context import Context
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus
 from migrator.pipeline.transfer_job import (
@@ -45,7 +53,9 @@ from migrator.registry import VersionRef
 
 __all__ = [
     "approved_assessment",
+    "give_back",
     "load_request",
+    "mark_started",
     "record_failure",
     "record_hold",
     "record_success",
@@ -88,6 +98,33 @@ def load_request(ctx: Context, job_id: int) -> TransferRequest:
             assessment=approved_assessment(job),
             signals=tuple(job.signals or ()),
         )
+
+
+def mark_started(ctx: Context, job_id: int) -> None:
+    """The job's work begins here: its attempt is spent.
+
+    Raises:
+        LeaseLostError: the job moved on to another worker.
+    """
+    with session_scope(ctx.sessions) as session:
+        start(job_id, ctx.settings.worker_id, session=session)
+
+
+def give_back(ctx: Context, job_id: int, reason: str) -> JobOutcome:
+    """An outage ended the job's work: trip the pass's breaker and give the job back with its
+    attempt refunded (kept for the next pass when the database itself is away)."""
+    ctx.breaker.trip(reason)
+    try:
+        with session_scope(ctx.sessions) as session:
+            release(job_id, ctx.settings.worker_id, session=session)
+    except LeaseLostError as exc:
+        return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(exc))
+    except Exception as exc:
+        if outage_reason(exc) is None:
+            raise
+        ctx.breaker.keep_unreleased(job_id)
+    log.warning("job %d given back unfinished, no attempt spent: %s", job_id, reason)
+    return JobOutcome(job_id, OutcomeStatus.DEFERRED, reason)
 
 
 def record_success(ctx: Context, request: TransferRequest, done: TransferDone) -> JobOutcome:
@@ -144,7 +181,7 @@ def record_failure(ctx: Context, request: TransferRequest, exc: BaseException) -
         request.job_id,
         request.adapter,
         request.target,
-        "; retrying later" if retrying else "",
+        "; retrying later" if retrying else f" for good (`migrator jobs retry {request.job_id}`)",
         message,
     )
     status = OutcomeStatus.RETRYING if retrying else OutcomeStatus.FAILED
@@ -163,6 +200,22 @@ def record_hold(ctx: Context, request: TransferRequest, held: TransferHeld) -> J
         )
     log.warning("job %d (%s -> %s) %s", request.job_id, request.adapter, request.target, held)
     return JobOutcome(request.job_id, OutcomeStatus.HELD, held.reason)
+
+
+def _settle_failure(ctx: Context, request: TransferRequest, exc: Exception) -> JobOutcome:
+    """An outage gives the job back unspent; any other error is the job's failure."""
+    reason = outage_reason(exc)
+    if reason is not None:
+        return give_back(ctx, request.job_id, reason)
+    try:
+        return record_failure(ctx, request, exc)
+    except LeaseLostError as lost:
+        return JobOutcome(request.job_id, OutcomeStatus.LEASE_LOST, str(lost))
+    except Exception as db_exc:
+        reason = outage_reason(db_exc)
+        if reason is None:
+            raise
+        return give_back(ctx, request.job_id, reason)
 
 
 def settle(
@@ -187,18 +240,23 @@ def settle(
     except LeaseLostError as exc:
         log.warning("job %d: lease lost, leaving it to its new owner (%s)", job_id, exc)
         return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(exc))
-    except Exception as exc:  # the job fails (or waits for an admin), the pass goes on
+    except TransferHeld as held:  # the transfer failed a signal: an admin decides
         try:
-            if isinstance(exc, TransferHeld):
-                return record_hold(ctx, request, exc)
-            return record_failure(ctx, request, exc)
+            return record_hold(ctx, request, held)
         except LeaseLostError as lost:
             return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(lost))
+    except Exception as exc:  # the job fails, the pass goes on (unless it is an outage)
+        return _settle_failure(ctx, request, exc)
     try:
         outcome = record_success(ctx, request, done)
     except LeaseLostError as exc:
         log.warning("job %d: lease lost, leaving it to its new owner (%s)", job_id, exc)
         return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(exc))
+    except Exception as exc:  # registered, not recorded: the next run finds the version
+        reason = outage_reason(exc)
+        if reason is None:
+            raise
+        return give_back(ctx, job_id, reason)
     ctx.say(
         f"job {job_id}: {request.adapter} -> {done.version} on {request.target} "
         f"in {time.perf_counter() - started:.1f}s{where}"

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from db import LeaseLostError, release, session_scope
+from migrator.pipeline.breaker import outage_reason
 
 if TYPE_CHECKING:
     from migrator.pipeline.context import Context
@@ -37,7 +38,8 @@ class OutcomeStatus(StrEnum):
     FAILED = "failed"  # failed for good: an admin may retry
     RETRYING = "retrying"  # failed; retried automatically after a backoff
     LEASE_LOST = "lease_lost"  # another worker holds it now: its outcome is theirs
-    RELEASED = "released"  # given back before it started (a stop was asked)
+    RELEASED = "released"  # given back before it started (a stop was asked, or an outage)
+    DEFERRED = "deferred"  # given back unfinished, attempt refunded: registry or database away
     HELD = "held"  # transferred, but a signal on the result failed: waits for an admin
 
 
@@ -46,7 +48,9 @@ FINISHED: frozenset[OutcomeStatus] = frozenset(
     {OutcomeStatus.SUCCEEDED, OutcomeStatus.FAILED, OutcomeStatus.RETRYING, OutcomeStatus.HELD}
 )
 #: Outcomes that leave the job to another run (this process recorded nothing).
-UNFINISHED: frozenset[OutcomeStatus] = frozenset({OutcomeStatus.LEASE_LOST, OutcomeStatus.RELEASED})
+UNFINISHED: frozenset[OutcomeStatus] = frozenset(
+    {OutcomeStatus.LEASE_LOST, OutcomeStatus.RELEASED, OutcomeStatus.DEFERRED}
+)
 #: Outcomes that make ``migrator tick`` exit 1.
 FAILURES: frozenset[OutcomeStatus] = frozenset({OutcomeStatus.FAILED, OutcomeStatus.RETRYING})
 
@@ -78,16 +82,27 @@ class Executor(Protocol):
         ...
 
 
-def release_jobs(ctx: Context, job_ids: Sequence[int]) -> list[JobOutcome]:
-    """Give claimed but unstarted jobs back (a stop was requested)."""
+def release_jobs(
+    ctx: Context, job_ids: Sequence[int], detail: str | None = None
+) -> list[JobOutcome]:
+    """Give claimed but unstarted jobs back: a stop was requested, or the pass's breaker
+    tripped (``detail`` defaults to the reason). A job the database is too far away to take
+    back is kept on the breaker for the next pass."""
+    if detail is None:
+        reason = ctx.breaker.reason
+        detail = f"not started: {reason}" if reason else "stop requested before it started"
     outcomes = []
     for job_id in job_ids:
         try:
             with session_scope(ctx.sessions) as session:
                 release(job_id, ctx.settings.worker_id, session=session)
-            outcomes.append(
-                JobOutcome(job_id, OutcomeStatus.RELEASED, "stop requested before it started")
-            )
         except LeaseLostError:
-            pass
+            continue
+        except Exception as exc:
+            reason = outage_reason(exc)
+            if reason is None:
+                raise
+            ctx.breaker.trip(reason)
+            ctx.breaker.keep_unreleased(job_id)
+        outcomes.append(JobOutcome(job_id, OutcomeStatus.RELEASED, detail))
     return outcomes

@@ -3,7 +3,9 @@ tests all call.
 
 discover base and adapter versions -> apply succession rules and tag predecessors deprecated ->
 assess each (source, target) pair once -> plan one job per adapter lineage and target under the
-approval policy -> claim and execute approved jobs -> report.
+approval policy -> claim and execute approved jobs -> report. Each pass also resolves versions
+registered twice (:mod:`migrator.pipeline.reconcile`), and ends early, spending no job's attempt,
+when the registry or the job database is unreachable (:mod:`migrator.pipeline.breaker`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import (
+    AdapterOrigin,
     BaseModelVersion,
     BaseStatus,
     apply_policy_decision,
-    claim,
     deprecate_base,
     find_adapter_version,
     find_base_version,
@@ -28,9 +30,11 @@ from db import (
     get_or_create_job,
     session_scope,
 )
+from migrator.pipeline.batches import run_batches
 from migrator.pipeline.context import Context
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus
 from migrator.pipeline.planning import PairATC, Planner, Proposal
+from migrator.pipeline.reconcile import reconcile_duplicates
 from migrator.pipeline.snapshot import Snapshot, read_registry
 from migrator.policy import signals_json
 from migrator.registry import Tag, VersionRef
@@ -67,6 +71,8 @@ class TickReport:
     outcomes: list[JobOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     replanned: list[tuple[int, str]] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (marked, kept)
+    unavailable: str | None = None  # why the pass ended early (registry or database away)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -83,6 +89,7 @@ class TickReport:
             f"{len(self.assessments)} assessed; planned {decided or 0}; "
             f"jobs {({str(k): v for k, v in done.items()}) or 0}; "
             f"{len(self.problems)} problems"
+            + (f"; ended early: {self.unavailable}" if self.unavailable else "")
         )
 
 
@@ -118,6 +125,7 @@ def _record_catalog(ctx: Context, snapshot: Snapshot, planner: Planner, session:
             base=base_row,
             format=entry.format,
             layout=None,
+            origin=AdapterOrigin.TRANSFERRED if entry.transferred else AdapterOrigin.REGISTERED,
             session=session,
         )
     session.flush()
@@ -203,26 +211,19 @@ def _assessment_row(pair: PairATC) -> dict[str, object]:
 
 
 def execute_runnable(ctx: Context, report: TickReport) -> None:
-    """Claim approved jobs in batches and execute them until none is left or a stop is asked."""
-    s = ctx.settings
-    while not ctx.stop.requested:
-        with session_scope(ctx.sessions) as session:
-            ids = [
-                job.id
-                for job in claim(
-                    s.worker_id, limit=s.claim_batch, lease_seconds=s.lease_s, session=session
-                )
-            ]
-        if not ids:
-            return
-        report.outcomes.extend(ctx.executor.run(ctx, ids))
+    """Claim approved jobs in batches and execute them until none is left, a stop is asked, or
+    the registry or the job database is found unreachable (:mod:`migrator.pipeline.batches`)."""
+    report.outcomes.extend(run_batches(ctx))
 
 
 def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> TickReport:
     """One full pass. With ``dry_run`` nothing is written: not the registry, not the database
     (the factorization cache may still fill: it is a cache)."""
     report = TickReport(dry_run=dry_run)
+    ctx.breaker.reset()
     snapshot = read_registry(ctx.registry)
+    duplicates = reconcile_duplicates(ctx, snapshot, dry_run=dry_run)
+    report.duplicates = [(str(d.ref), str(d.kept)) for d in duplicates]
     report.bases, report.adapters = len(snapshot.bases), len(snapshot.adapters)
     report.problems.extend(snapshot.problems)
     with session_scope(ctx.sessions) as session:
@@ -264,6 +265,12 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
     report.problems.extend(planner.base_problems)
     if execute and not dry_run:
         execute_runnable(ctx, report)
+    report.unavailable = ctx.breaker.reason
+    if report.unavailable:
+        log.error(
+            "pass ended early: %s; no job spent an attempt on it, the next pass resumes",
+            report.unavailable,
+        )
     for problem in report.problems:
         log.warning("registry content: %s", problem)
     return report

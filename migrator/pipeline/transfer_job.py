@@ -8,9 +8,10 @@ its ATC, the parameters it was computed under, every module decision and the ren
 heatmap. The worker applies exactly those decisions; it never re-assesses the bases, so a setting
 changed after an approval cannot publish a module map other than the approved one.
 
-Registration is idempotent: a version carrying this job's ``lorax.job`` tag (with the same
-source and target) is found and returned instead of registering a second one, so a job that is
-re-run after a crash between registering and recording ends with exactly one version.
+Registration is idempotent: a version of the lineage already on the target and transferred from
+the same source (registered by an earlier run of this job, or by a job of another job database
+sharing the registry) is found and returned instead of registering a second one, so a job that
+is re-run after a crash between registering and recording ends with exactly one version.
 """
 
 from __future__ import annotations
@@ -126,15 +127,16 @@ class TransferDone:
 
 
 def find_registered(registry: Registry, request: TransferRequest) -> ModelVersionInfo | None:
-    """The version an earlier run of this job registered, if any."""
-    found = registry.find_version_by_tag(request.adapter.name, Tag.JOB, str(request.job_id))
-    if (
-        found is not None
-        and found.tags.get(Tag.TRANSFERRED_FROM) == str(request.adapter)
-        and found.tags.get(Tag.BASE) == str(request.target)
-    ):
-        return found
-    return None
+    """A version of the job's lineage already on its target, transferred from the same source:
+    the one an earlier run of this job registered, or one another job database sharing the
+    registry made. The oldest such version that is not marked a duplicate (the one the
+    reconciler keeps)."""
+    found = registry.find_versions(
+        request.adapter.name,
+        {Tag.TRANSFERRED_FROM: str(request.adapter), Tag.BASE: str(request.target)},
+    )
+    kept = [v for v in found if Tag.DUPLICATE_OF not in v.tags and Tag.JOB in v.tags]
+    return kept[0] if kept else None
 
 
 def _reused(request: TransferRequest, existing: ModelVersionInfo) -> TransferDone:

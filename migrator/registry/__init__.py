@@ -3,6 +3,7 @@
 from migrator.registry.base import (
     ROLE_ADAPTER,
     ROLE_BASE,
+    TRANSFER_IDENTITY,
     ModelVersionInfo,
     Registry,
     RegistryError,
@@ -16,6 +17,7 @@ from migrator.registry.base import (
 __all__ = [
     "ROLE_ADAPTER",
     "ROLE_BASE",
+    "TRANSFER_IDENTITY",
     "ModelVersionInfo",
     "Registry",
     "RegistryError",

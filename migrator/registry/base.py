@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 __all__ = [
+    "TRANSFER_IDENTITY",
     "ModelVersionInfo",
     "Registry",
     "RegistryError",
@@ -40,6 +41,15 @@ class Tag:
     APPROVED_BY = "lorax.approved_by"  # adapter: who approved (or "policy")
     MODE = "lorax.mode"  # adapter: transfer mode
     ENERGY = "lorax.energy_retained"  # adapter: energy retained
+    # adapter: set by the reconciler on a version that doubles another (same lineage, source
+    # and target): name/version of the one kept; the service ignores the tagged version.
+    DUPLICATE_OF = "lorax.duplicate_of"
+
+
+#: The tags that identify a transferred version: a second version with the same values is a
+#: duplicate (the registry may commit a create whose reply is lost, or two job databases may
+#: share the registry).
+TRANSFER_IDENTITY = (Tag.TRANSFERRED_FROM, Tag.BASE)
 
 
 ROLE_BASE = "base"
@@ -137,6 +147,10 @@ class Registry(Protocol):
         """The version of registered model ``name`` with tag ``key = value``, if any."""
         ...
 
+    def find_versions(self, name: str, tags: Mapping[str, str]) -> list[ModelVersionInfo]:
+        """Every version of registered model ``name`` carrying all of ``tags``, oldest first."""
+        ...
+
     def log_run(
         self,
         *,
@@ -162,7 +176,12 @@ class Registry(Protocol):
         tags: Mapping[str, str],
         description: str,
     ) -> ModelVersionInfo:
-        """Register ``runs:/<run>/<artifact_path>`` as a new version of ``name``."""
+        """Register ``runs:/<run>/<artifact_path>`` as a new version of ``name``.
+
+        Idempotent by the transfer's identity (``lorax.job`` with ``TRANSFER_IDENTITY``): a
+        version already carrying the same values is returned instead, also when an earlier try
+        of this call was committed by the registry but its reply was lost.
+        """
         ...
 
     def version_link(self, ref: VersionRef) -> str:

@@ -1,7 +1,9 @@
 """An in-memory registry with the same behaviour as the MLflow one, for unit tests.
 
-Artifacts live in a local folder; ``fail_next`` makes the next calls raise
-:class:`RegistryUnavailableError`, to exercise outage handling without a server.
+Artifacts live in a local folder. Faults, to exercise outage handling without a server:
+``fail_next`` makes the next calls raise :class:`RegistryUnavailableError`; ``drop_replies``
+makes the next ``create_version`` calls commit the version and then raise it (the registry
+committed, its reply was lost: a timeout).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from migrator.registry.base import (
+    TRANSFER_IDENTITY,
     ModelVersionInfo,
     RegistryUnavailableError,
     RunInfo,
@@ -33,6 +36,7 @@ class MemoryRegistry:
         self.runs: dict[str, dict[str, object]] = {}
         self._run_ids = itertools.count(1)
         self.fail_next = 0
+        self.drop_replies = 0
         self.calls: list[str] = []
 
     def _enter(self, what: str) -> None:
@@ -95,6 +99,15 @@ class MemoryRegistry:
         found = [v for v in self.versions.values() if v.name == name and v.tags.get(key) == value]
         return min(found, key=lambda v: int(v.version)) if found else None
 
+    def find_versions(self, name: str, tags: Mapping[str, str]) -> list[ModelVersionInfo]:
+        self._enter(f"find_versions {name}")
+        found = [
+            v
+            for v in self.versions.values()
+            if v.name == name and all(v.tags.get(k) == value for k, value in tags.items())
+        ]
+        return sorted(found, key=lambda v: int(v.version))
+
     def log_run(
         self,
         *,
@@ -138,14 +151,17 @@ class MemoryRegistry:
         tags: Mapping[str, str],
         description: str,
     ) -> ModelVersionInfo:
-        job = tags.get(Tag.JOB)
-        if job and (existing := self.find_version_by_tag(name, Tag.JOB, job)) is not None:
-            return existing
+        identity = {k: tags[k] for k in (Tag.JOB, *TRANSFER_IDENTITY) if k in tags}
+        if Tag.JOB in identity and (existing := self.find_versions(name, identity)):
+            return existing[0]
         self._enter(f"create_version {name}")
         src = Path(str(self.runs[run.run_id]["dir"])) / artifact_path
         info = self.add_version(name, src, tags, description)
         info = ModelVersionInfo(**{**info.__dict__, "run_id": run.run_id})
         self.versions[info.ref] = info
+        if self.drop_replies > 0:  # committed; the caller never hears of it
+            self.drop_replies -= 1
+            raise RegistryUnavailableError(f"create_version {name}: reply lost (simulated)")
         return info
 
     def address(self) -> None:

@@ -1,8 +1,10 @@
 """The MLflow Model Registry behind the :class:`~migrator.registry.base.Registry` Protocol.
 
 Works with the embedded SQLite store (``sqlite:///...``) and with ``mlflow server`` over HTTP.
-MLflow's own HTTP retries are turned down so that this module's bounded retries, which the
-daemon's outage handling relies on, decide how long a call may take.
+MLflow's own HTTP retries are turned off: they re-send any request whose reply timed out, a
+POST that creates a model version included, so a registry that committed and then answered too
+late got a second version. This module's bounded retries decide instead: reads are retried as
+they are, and a retried create first looks for the version an earlier try may have committed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from migrator.registry.base import (
+    TRANSFER_IDENTITY,
     ModelVersionInfo,
     RegistryError,
     RegistryUnavailableError,
@@ -29,6 +32,7 @@ from migrator.registry.base import (
     VersionNotFoundError,
     VersionRef,
 )
+from migrator.registry.mlflow_errors import first_line, is_transient
 from migrator.registry.retry import retry_call
 
 if TYPE_CHECKING:
@@ -38,54 +42,6 @@ __all__ = ["MlflowRegistry", "is_transient"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-_PERMANENT_CODES = {
-    "RESOURCE_DOES_NOT_EXIST",
-    "RESOURCE_ALREADY_EXISTS",
-    "INVALID_PARAMETER_VALUE",
-    "INVALID_STATE",
-    "BAD_REQUEST",
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
-    "NOT_FOUND",
-    "ENDPOINT_NOT_FOUND",
-}
-_TRANSIENT_CODES = {
-    "INTERNAL_ERROR",
-    "TEMPORARILY_UNAVAILABLE",
-    "REQUEST_LIMIT_EXCEEDED",
-    "DEADLINE_EXCEEDED",
-    "IO_ERROR",
-    "ABORTED",
-    "RESOURCE_EXHAUSTED",
-}
-_TRANSIENT_TEXT = (
-    "max retries exceeded",
-    "connection refused",
-    "connection aborted",
-    "connectionerror",
-    "timed out",
-    "database is locked",
-    "remote end closed",
-    "temporarily unavailable",
-    "502",
-    "503",
-    "504",
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying a registry call that raised ``exc`` may succeed."""
-    if isinstance(exc, MlflowException):
-        code = str(exc.error_code)
-        if code in _PERMANENT_CODES:
-            return False
-        if code in _TRANSIENT_CODES:
-            return True
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(marker in text for marker in _TRANSIENT_TEXT)
 
 
 def _quote_value(value: str) -> str:
@@ -126,9 +82,10 @@ class MlflowRegistry:
         retries: int = 5,
         backoff_s: float = 1.0,
     ) -> None:
-        # MLflow retries HTTP calls 7 times with growing backoff by default (minutes); here the
-        # retry policy is ours, so keep MLflow's short.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        # MLflow retries HTTP calls 7 times with growing backoff by default (minutes), and
+        # re-sends non-idempotent POSTs whose reply timed out. The retry policy is ours: none
+        # of MLflow's, whatever the environment says.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -183,23 +140,24 @@ class MlflowRegistry:
             raise
 
     # --- reading -----------------------------------------------------------------------
-    def _search(self, filter_string: str | None) -> list[ModelVersionInfo]:
+    def _search_pages(self, filter_string: str | None) -> list[ModelVersionInfo]:
+        """Every page of a model version search (no retries: callers wrap it)."""
         out: list[ModelVersionInfo] = []
         token: str | None = None
         while True:
-            page = self._call(
-                f"search model versions ({filter_string or 'all'})",
-                partial(
-                    self.client.search_model_versions,
-                    filter_string=filter_string,
-                    max_results=1000,
-                    page_token=token,
-                ),
+            page = self.client.search_model_versions(
+                filter_string=filter_string, max_results=1000, page_token=token
             )
             out.extend(_info(mv) for mv in page)
             token = page.token
             if not token:
                 return out
+
+    def _search(self, filter_string: str | None) -> list[ModelVersionInfo]:
+        return self._call(
+            f"search model versions ({filter_string or 'all'})",
+            partial(self._search_pages, filter_string),
+        )
 
     def list_versions(self, *, role: str | None = None) -> list[ModelVersionInfo]:
         flt = None if role is None else f"tags.`{Tag.ROLE}` = {_quote_value(role)}"
@@ -216,24 +174,51 @@ class MlflowRegistry:
         )
         return min(found, key=lambda v: int(v.version)) if found else None
 
-    def download(self, ref: VersionRef, dst: Path) -> Path:
-        import mlflow.artifacts
+    @staticmethod
+    def _tags_filter(name: str, tags: Mapping[str, str]) -> str:
+        clauses = [f"name = {_quote_value(name)}"]
+        clauses += [f"tags.`{k}` = {_quote_value(v)}" for k, v in tags.items()]
+        return " AND ".join(clauses)
 
+    def find_versions(self, name: str, tags: Mapping[str, str]) -> list[ModelVersionInfo]:
+        found = self._search(self._tags_filter(name, tags))
+        return sorted(found, key=lambda v: int(v.version))
+
+    def download(self, ref: VersionRef, dst: Path) -> Path:
         dst.mkdir(parents=True, exist_ok=True)
         uri = self._call(
             f"resolve artifacts of {ref}",
             lambda: self.client.get_model_version_download_uri(ref.name, ref.version),
         )
-        local = self._call(
-            f"download artifacts of {ref}",
-            lambda: mlflow.artifacts.download_artifacts(
-                artifact_uri=uri,
-                dst_path=str(dst),
-                tracking_uri=self.tracking_uri,
-                registry_uri=self.registry_uri,
-            ),
-        )
+        local = self._call(f"download artifacts of {ref}", partial(self._fetch, ref, uri, dst))
         return Path(local)
+
+    def _fetch(self, ref: VersionRef, uri: str, dst: Path) -> str:
+        """One download try. MLflow reports a transfer cut short (a server killed mid-download)
+        as missing artifacts ("please ensure that the path is correct"); when the registry
+        cannot be reached right after, it is an outage, raised as one."""
+        import mlflow.artifacts
+
+        try:
+            return str(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri,
+                    dst_path=str(dst),
+                    tracking_uri=self.tracking_uri,
+                    registry_uri=self.registry_uri,
+                )
+            )
+        except MlflowException as exc:
+            if str(exc.error_code) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            try:
+                self.client.get_model_version(ref.name, ref.version)
+            except Exception as probe:
+                if is_transient(probe):
+                    raise ConnectionError(
+                        f"registry unreachable while downloading {ref} ({first_line(probe)})"
+                    ) from exc
+            raise
 
     # --- writing -----------------------------------------------------------------------
     def set_tags(self, ref: VersionRef, tags: Mapping[str, str]) -> None:
@@ -341,22 +326,31 @@ class MlflowRegistry:
         tags: Mapping[str, str],
         description: str,
     ) -> ModelVersionInfo:
-        job = tags.get(Tag.JOB)
-        if job:
-            existing = self.find_version_by_tag(name, Tag.JOB, job)
-            if existing is not None:
-                return existing
-        mv = self._call(
-            f"register a version of {name}",
-            lambda: self.client.create_model_version(
-                name,
-                source=f"runs:/{run.run_id}/{artifact_path}",
-                run_id=run.run_id,
-                tags=dict(tags),
-                description=description,
-            ),
-        )
-        return _info(mv)
+        identity = {k: tags[k] for k in (Tag.JOB, *TRANSFER_IDENTITY) if k in tags}
+        if Tag.JOB in identity and (existing := self.find_versions(name, identity)):
+            return existing[0]
+        tries = 0
+
+        def create() -> ModelVersionInfo:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and Tag.JOB in identity:
+                # The try before may have been committed with its reply lost (a timeout):
+                # look before creating again.
+                committed = self._search_pages(self._tags_filter(name, identity))
+                if committed:
+                    return min(committed, key=lambda v: int(v.version))
+            return _info(
+                self.client.create_model_version(
+                    name,
+                    source=f"runs:/{run.run_id}/{artifact_path}",
+                    run_id=run.run_id,
+                    tags=dict(tags),
+                    description=description,
+                )
+            )
+
+        return self._call(f"register a version of {name}", create)
 
     def version_link(self, ref: VersionRef) -> str:
         return f"#/models/{quote(ref.name, safe='')}/versions/{ref.version}"

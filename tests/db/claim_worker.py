@@ -22,6 +22,7 @@ from db import (
     make_engine,
     make_session_factory,
     session_scope,
+    start,
 )
 
 
@@ -62,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
                     session=session,
                 )
                 claimed = [job.id for job in jobs]
+            if args.hang and claimed:
+                with session_scope(factory) as session:  # its work begins, and never ends
+                    start(claimed[0], args.worker, session=session)
             for job_id in claimed:
                 _log(out, f"claim {job_id}")
             if args.hang and claimed:
                 time.sleep(3600)  # holding the lease until killed
             for job_id in claimed:
+                with session_scope(factory) as session:  # as an executor does, before the work
+                    start(job_id, args.worker, session=session)
                 time.sleep(args.work_s)
                 with session_scope(factory) as session:
                     complete(

@@ -19,12 +19,14 @@ from db import (
     claim,
     complete,
     fail,
+    fail_exhausted_leases,
     get_job,
     heartbeat,
     migrations,
     release,
     retry,
     session_scope,
+    start,
     utcnow,
 )
 from tests.db.seed import seed_adapter, seed_bases, seed_job, seed_runnable_jobs
@@ -43,6 +45,19 @@ def _claim(
         ]
 
 
+def _start(factory: sessionmaker[Session], job_id: int, worker: str, now: datetime) -> int:
+    """Mark the job's work begun; returns its attempts."""
+    with session_scope(factory) as session:
+        return start(job_id, worker, now=now, session=session).attempts
+
+
+def _claim_and_start(factory: sessionmaker[Session], worker: str, now: datetime) -> list[int]:
+    claimed = _claim(factory, worker, now)
+    for job_id in claimed:
+        _start(factory, job_id, worker, now)
+    return claimed
+
+
 def test_claim_takes_approved_jobs_once(factory: sessionmaker[Session]) -> None:
     now = utcnow()
     with session_scope(factory) as session:
@@ -55,9 +70,38 @@ def test_claim_takes_approved_jobs_once(factory: sessionmaker[Session]) -> None:
     assert _claim(factory, "w2", now) == []  # nothing else is runnable
     with session_scope(factory) as session:
         job = get_job(runnable[0], session=session)
-        assert (job.status, job.lease_owner, job.attempts) == (S.RUNNING, "w1", 1)
+        # Claimed, not started: no attempt spent yet.
+        assert (job.status, job.lease_owner, job.attempts) == (S.RUNNING, "w1", 0)
         assert job.lease_expires_at == now + timedelta(seconds=LEASE)
-        assert job.heartbeat_at == now
+        assert (job.heartbeat_at, job.started_at) == (now, None)
+    assert _start(factory, runnable[0], "w1", now) == 1
+    assert _start(factory, runnable[0], "w1", now) == 1  # once per lease
+    with session_scope(factory) as session:
+        assert get_job(runnable[0], session=session).started_at == now
+        with pytest.raises(LeaseLostError):
+            start(runnable[0], "w2", session=session)
+
+
+def test_a_claim_lost_before_its_work_began_costs_nothing(
+    factory: sessionmaker[Session],
+) -> None:
+    """A batch claimed by a worker that dies: its queued jobs keep their attempts, however
+    often it happens; the job whose work had begun spends one each time."""
+    now = utcnow()
+    with session_scope(factory) as session:
+        bases = seed_bases(session)
+        ids = [seed_job(session, bases, f"b{i}", max_attempts=2).id for i in range(4)]
+    for crash in range(5):
+        claimed = _claim(factory, f"w{crash}", now, limit=4)
+        assert sorted(claimed) == sorted(ids)
+        if crash == 0:
+            _start(factory, ids[0], "w0", now)  # the first job's work began, then the crash
+        now += timedelta(seconds=LEASE + 1)
+    with session_scope(factory) as session:
+        jobs = [get_job(i, session=session) for i in ids]
+        assert [j.attempts for j in jobs] == [1, 0, 0, 0]
+        assert {j.status for j in jobs} == {S.RUNNING}
+        assert {j.lease_owner for j in jobs} == {"w4"}
 
 
 def test_expired_lease_is_reclaimed_and_old_holder_is_locked_out(
@@ -66,10 +110,10 @@ def test_expired_lease_is_reclaimed_and_old_holder_is_locked_out(
     now = utcnow()
     with session_scope(factory) as session:
         (job_id,) = seed_runnable_jobs(session, 1)
-    assert _claim(factory, "w1", now) == [job_id]
+    assert _claim_and_start(factory, "w1", now) == [job_id]
     assert _claim(factory, "w2", now + timedelta(seconds=LEASE - 1)) == []  # still held
     later = now + timedelta(seconds=LEASE + 1)
-    assert _claim(factory, "w2", later) == [job_id]
+    assert _claim_and_start(factory, "w2", later) == [job_id]
     with session_scope(factory) as session:
         job = get_job(job_id, session=session)
         assert (job.lease_owner, job.attempts) == ("w2", 2)
@@ -114,12 +158,17 @@ def test_release_gives_the_job_back_without_spending_an_attempt(
     now = utcnow()
     with session_scope(factory) as session:
         (job_id,) = seed_runnable_jobs(session, 1)
-    _claim(factory, "w1", now)
+    _claim(factory, "w1", now)  # released before its work began
     with session_scope(factory) as session:
         release(job_id, "w1", session=session)
         job = get_job(job_id, session=session)
         assert (job.status, job.attempts, job.lease_owner) == (S.APPROVED, 0, None)
-    assert _claim(factory, "w2", now) == [job_id]
+    assert _claim_and_start(factory, "w2", now) == [job_id]
+    with session_scope(factory) as session:
+        assert get_job(job_id, session=session).attempts == 1
+        release(job_id, "w2", session=session)  # begun, then given back: the attempt too
+        job = get_job(job_id, session=session)
+        assert (job.status, job.attempts, job.started_at) == (S.APPROVED, 0, None)
 
 
 def test_failures_retry_with_backoff_then_wait_for_an_admin(factory: sessionmaker[Session]) -> None:
@@ -130,7 +179,7 @@ def test_failures_retry_with_backoff_then_wait_for_an_admin(factory: sessionmake
 
     expected_delays = [10, 15]  # 10 * 2**0, min(15, 10 * 2**1)
     for attempt, delay in enumerate(expected_delays, start=1):
-        assert _claim(factory, "w", now) == [job_id]
+        assert _claim_and_start(factory, "w", now) == [job_id]
         with session_scope(factory) as session:
             job = fail(job_id, "w", f"boom {attempt}", backoff=backoff, now=now, session=session)
             assert job.status is S.APPROVED
@@ -140,7 +189,7 @@ def test_failures_retry_with_backoff_then_wait_for_an_admin(factory: sessionmake
         assert _claim(factory, "w", now + timedelta(seconds=delay - 1)) == []  # not due yet
         now += timedelta(seconds=delay)
 
-    assert _claim(factory, "w", now) == [job_id]
+    assert _claim(factory, "w", now) == [job_id]  # a failure before start() still counts
     with session_scope(factory) as session:
         job = fail(job_id, "w", "boom 3", backoff=backoff, now=now, session=session)
         assert (job.status, job.attempts) == (S.FAILED, 3)  # max_attempts used up
@@ -153,7 +202,7 @@ def test_failures_retry_with_backoff_then_wait_for_an_admin(factory: sessionmake
         ] * 2
         assert "boom 2" in (retries[1].reason or "")
         retry(job_id, "admin", "fixed", session=session)
-    assert _claim(factory, "w", now) == [job_id]
+    assert _claim_and_start(factory, "w", now) == [job_id]
     with session_scope(factory) as session:
         assert get_job(job_id, session=session).attempts == 1
 
@@ -173,15 +222,38 @@ def test_a_job_whose_leases_keep_expiring_ends_failed(factory: sessionmaker[Sess
     now = utcnow()
     with session_scope(factory) as session:
         job_id = seed_job(session, seed_bases(session), "poison", max_attempts=2).id
-    assert _claim(factory, "w1", now) == [job_id]
+    assert _claim_and_start(factory, "w1", now) == [job_id]
     now += timedelta(seconds=LEASE + 1)
-    assert _claim(factory, "w2", now) == [job_id]  # attempt 2 of 2
+    assert _claim_and_start(factory, "w2", now) == [job_id]  # attempt 2 of 2
     now += timedelta(seconds=LEASE + 1)
     assert _claim(factory, "w3", now) == []
     with session_scope(factory) as session:
         job = get_job(job_id, session=session)
         assert (job.status, job.attempts, job.lease_owner) == (S.FAILED, 2, None)
         assert "lease of 'w2' expired" in (job.last_error or "")
+
+
+def test_exhausted_leases_are_failed_and_reported(
+    factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    now = utcnow()
+    with session_scope(factory) as session:
+        bases = seed_bases(session)
+        poison = seed_job(session, bases, "poison", max_attempts=1).id
+        queued = seed_job(session, bases, "queued", max_attempts=1).id
+    assert sorted(_claim(factory, "w1", now)) == sorted([poison, queued])
+    _start(factory, poison, "w1", now)
+    with session_scope(factory) as session:
+        assert fail_exhausted_leases(now=now, session=session) == []  # the lease still holds
+    now += timedelta(seconds=LEASE + 1)
+    with caplog.at_level("ERROR", logger="db.leases"), session_scope(factory) as session:
+        failed = [j.id for j in fail_exhausted_leases(now=now, session=session)]
+    assert failed == [poison]  # the queued job never started: it is reclaimed, not failed
+    assert f"job {poison} failed for good" in caplog.text
+    with session_scope(factory) as session:
+        assert get_job(poison, session=session).status is S.FAILED
+        assert get_job(queued, session=session).status is S.RUNNING
+    assert _claim(factory, "w2", now) == [queued]
 
 
 def test_complete_records_lineage(factory: sessionmaker[Session]) -> None:

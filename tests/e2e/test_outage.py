@@ -7,8 +7,6 @@ started again on the same port with the same files; the session server is not to
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,43 +17,24 @@ from migrator.registry.mlflow_registry import MlflowRegistry
 from tests.e2e.conftest import StartDaemon, SyntheticFiles
 from tests.e2e.harness import jobs_table, migrator_env, read_jobs, wait_for
 from tests.e2e.test_crash_recovery import check_one_version_per_job
-from tests.fixtures.mlflow import MlflowServer, free_port
+from tests.fixtures.mlflow import MlflowServer
 from tests.migrator.scenario import register
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mlflow_server, pytest.mark.slow]
 
 
-@pytest.fixture
-def own_server(tmp_path: Path, _mlflow_template: Path) -> Iterator[MlflowServer]:
-    """An ``mlflow server`` of this test alone."""
-    root = tmp_path / "own-mlflow"
-    root.mkdir()
-    shutil.copy2(_mlflow_template, root / "mlflow.db")
-    port = free_port()
-    server = MlflowServer(
-        url=f"http://127.0.0.1:{port}",
-        port=port,
-        backend_uri=f"sqlite:///{root / 'mlflow.db'}",
-        artifacts=root / "artifacts",
-        log=root / "server.log",
-    )
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_daemon_survives_a_registry_outage(
     synthetic: SyntheticFiles,
-    own_server: MlflowServer,
+    own_mlflow_server: MlflowServer,
     start_daemon: StartDaemon,
     tmp_path: Path,
 ) -> None:
-    registry = MlflowRegistry(own_server.url, retries=2, backoff_s=0.5)
+    registry = MlflowRegistry(own_mlflow_server.url, retries=2, backoff_s=0.5)
     database = f"sqlite:///{tmp_path / 'jobs.db'}"
     # Every transfer waits for an admin, so that approved work is in hand during the outage.
     env = migrator_env(
         data_dir=tmp_path / "data",
-        tracking_uri=own_server.url,
+        tracking_uri=own_mlflow_server.url,
         database_url=database,
         auto_approve_atc=0.0,
     )
@@ -73,7 +52,7 @@ def test_daemon_survives_a_registry_outage(
     def context() -> str:
         return (
             f"{daemon.tail()}\n--- jobs ---\n{jobs_table(database)}\n"
-            f"--- server log ---\n{own_server.log.read_text(errors='replace')[-2000:]}"
+            f"--- server log ---\n{own_mlflow_server.log.read_text(errors='replace')[-2000:]}"
         )
 
     wait_for(
@@ -84,7 +63,7 @@ def test_daemon_survives_a_registry_outage(
         watch=[daemon],
     )
 
-    own_server.stop()
+    own_mlflow_server.stop()
     seen = len(daemon.text())
     engine = make_engine(database)
     try:
@@ -106,11 +85,11 @@ def test_daemon_survives_a_registry_outage(
     )
     assert daemon.alive, context()
     assert "RegistryUnavailableError" in failures()[0], context()
-    assert own_server.url.removeprefix("http://") in daemon.text()[seen:], context()
+    assert own_mlflow_server.url.removeprefix("http://") in daemon.text()[seen:], context()
     # The approved work waits: nothing was claimed, failed or retried meanwhile.
     assert [(j.status, j.attempts) for j in read_jobs(database)] == [("approved", 0)] * 3, context()
 
-    own_server.start()  # same port, backend file and artifacts folder
+    own_mlflow_server.start()  # same port, backend file and artifacts folder
     wait_for(
         lambda: [j.status for j in read_jobs(database)] == ["succeeded"] * 3,
         timeout_s=90,
