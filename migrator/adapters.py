@@ -5,7 +5,8 @@ What ``migrator transfer``, the transfer job and remote workers share; no regist
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,9 @@ __all__ = [
     "CarriedAdapter",
     "LoadedAdapter",
     "carry_adapter",
+    "conversion_notes",
     "load_adapter",
+    "retarget_metadata",
     "single_file_of",
     "write_carried",
 ]
@@ -108,10 +111,37 @@ def carry_adapter(
             f"module_min_similarity ({settings.module_min_similarity}); nothing to transfer",
             path=loaded.path,
         )
-    out = result.adapter
+    out = dataclasses.replace(
+        result.adapter, metadata=retarget_metadata(result.adapter.metadata, target.label)
+    )
     if loaded.input_kind is AdapterKind.LORAX_COMPACT:
         out = encode_compact(out, {name: target.store.factors(name) for name in out.modules})
     return CarriedAdapter(result, out)
+
+
+_BASE_HASH_KEYS = ("ss_sd_model_hash", "ss_new_sd_model_hash")
+
+
+def retarget_metadata(metadata: Mapping[str, str], base_label: str) -> dict[str, str]:
+    """An adapter's file metadata after a transfer: kohya's ``ss_sd_model_name`` names the new
+    base and the old base's file hashes, which no longer hold, are dropped; a trace of the
+    transfer (``lorax.transferred_to``) is added. Other metadata is kept as it was."""
+    out = dict(metadata)
+    if "ss_sd_model_name" in out:
+        out["ss_sd_model_name"] = base_label
+    for key in _BASE_HASH_KEYS:
+        out.pop(key, None)
+    out["lorax.transferred_to"] = base_label
+    return out
+
+
+def conversion_notes(adapter: LoraAdapter) -> tuple[str, ...]:
+    """What the reader converted (LoHa, LoKr, ... to LoRA) and the energy each kept."""
+    return tuple(
+        f"{c.key}: a {c.kind} module, converted to a rank-{c.rank} LoRA keeping "
+        f"{c.energy_kept:.1%} of its energy"
+        for c in adapter.conversions
+    )
 
 
 def single_file_of(path: Path) -> Path | None:

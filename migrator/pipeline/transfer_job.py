@@ -31,6 +31,7 @@ from db.jobs import POLICY_ACTOR
 from migrator.adapters import (
     CarriedAdapter,
     carry_adapter,
+    conversion_notes,
     load_adapter,
     single_file_of,
     write_carried,
@@ -338,7 +339,7 @@ def _register(
         modules_skipped=result.modules_skipped,
         approved_by=request.approved_by,
         is_lorax=result.is_lorax,
-        notes=tuple(result.notes),
+        notes=(*result.notes, *conversion_notes(result.adapter)),
         signals=tuple((x.name, x.line()) for x in signals),
     )
     return registry.create_version(
