@@ -190,6 +190,20 @@ class Settings(BaseSettings):
         "not at scratch_dir.",
     )
 
+    # --- factorization and its cache ----------------------------------------------------
+    assessment_factors: Literal["randomized", "exact"] = Field(
+        "randomized",
+        description="Factors of assessments: randomized top-k (block Krylov; every similarity "
+        "within 1e-3 of exact, several times faster) or exact (a full SVD, keeping only the "
+        "top triplets).",
+    )
+    cache_max_gb: float = Field(
+        40.0,
+        ge=0,
+        description="Size cap of the factorization cache in GB (10^9 bytes): the least "
+        "recently used entries are evicted beyond it; 0: no cap.",
+    )
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _check_database_url(cls, value: Any) -> Any:
@@ -243,6 +257,11 @@ class Settings(BaseSettings):
     def factor_cache_dir(self) -> Path:
         assert self.cache_dir is not None
         return self.cache_dir
+
+    @property
+    def cache_max_bytes(self) -> int | None:
+        """The factor cache's size cap in bytes (None: no cap), for ``FactorCache(max_bytes=)``."""
+        return None if self.cache_max_gb == 0 else int(self.cache_max_gb * 1e9)
 
     @property
     def scratch(self) -> Path:
