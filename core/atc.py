@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import ot
@@ -25,33 +24,9 @@ from core.errors import TransportError
 from core.factors import Factors
 from core.selection import RoleRule, role_of
 from core.similarity import side_reasons, similarity_matrix
+from core.vocabulary import Combine
 
 __all__ = ["ATCResult", "Combine", "compute_atc", "solve_transport"]
-
-
-class Combine(StrEnum):
-    """How left and right figures combine. Defined on costs (1 - Phi and ATC)."""
-
-    MEAN = "mean"  # phi = (phi_l + phi_r) / 2, atc = (atc_l + atc_r) / 2
-    MAX = "max"  # the worse side decides: phi = min(phi_l, phi_r), atc = max(atc_l, atc_r)
-    LEFT = "left"  # left only
-    RIGHT = "right"  # right only
-
-    def phi(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-        """Combined similarity."""
-        if self is Combine.MEAN:
-            return (left + right) / 2
-        if self is Combine.MAX:
-            return np.minimum(left, right)
-        return left.copy() if self is Combine.LEFT else right.copy()
-
-    def cost(self, left: float, right: float) -> float:
-        """Combined ATC."""
-        if self is Combine.MEAN:
-            return (left + right) / 2
-        if self is Combine.MAX:
-            return max(left, right)
-        return left if self is Combine.LEFT else right
 
 
 def solve_transport(cost: np.ndarray) -> np.ndarray:
@@ -231,6 +206,53 @@ def _side(
     return phi, valid
 
 
+@dataclass(frozen=True)
+class _Side:
+    """One base's modules as the similarity needs them."""
+
+    names: tuple[str, ...]
+    factors: tuple[Factors, ...]
+    ks: tuple[int, ...]
+    roles: tuple[str, ...]
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, Factors], k: int, rule: RoleRule | None) -> _Side:
+        names = tuple(mapping)
+        factors = tuple(mapping[name] for name in names)
+        for name, f in zip(names, factors, strict=True):
+            if f.rank < min(k, f.full_rank):
+                raise ValueError(f"factors of {name} hold {f.rank} triplets; k = {k} needs more")
+        ks = tuple(min(k, f.full_rank) for f in factors)
+        return cls(names, factors, ks, tuple(role_of(name, rule) for name in names))
+
+    def keys(self, dim: int) -> list[tuple[str, int, int]]:
+        """(role, rows of U (dim 0) or V (dim 1), k) per module: the similarity groups."""
+        return [
+            (r, f.shape[dim], kk)
+            for r, f, kk in zip(self.roles, self.factors, self.ks, strict=True)
+        ]
+
+    def values(self, weighted: bool) -> list[torch.Tensor] | None:
+        return [f.S for f in self.factors] if weighted else None
+
+
+def _same_tensors(source: Sequence[Factors], target: Sequence[Factors]) -> list[tuple[int, int]]:
+    """Pairs known to be the same matrix: the same factors, or equal content digests. They span
+    the same subspaces, so their Phi is 1 exactly, not 1 minus the orthonormality error of
+    float32 factors (about 1e-7 per entry, 1e-6 in Psi)."""
+    by_digest: dict[str, list[int]] = {}
+    by_id: dict[int, list[int]] = {}
+    for j, f in enumerate(target):
+        by_id.setdefault(id(f), []).append(j)
+        if f.digest:
+            by_digest.setdefault(f.digest, []).append(j)
+    pairs: list[tuple[int, int]] = []
+    for i, f in enumerate(source):
+        same = set(by_id.get(id(f), [])) | set(by_digest.get(f.digest, []) if f.digest else [])
+        pairs.extend((i, j) for j in sorted(same))
+    return pairs
+
+
 def compute_atc(
     source: Mapping[str, Factors],
     target: Mapping[str, Factors],
@@ -256,8 +278,7 @@ def compute_atc(
 
     Returns:
         An :class:`ATCResult`. For a model against itself: Phi_ii = 1, the plan is the identity
-        / S and ATC = 0 (exactly when the factors carry content digests: pairs of equal digests
-        get Phi = 1; otherwise up to float rounding, ~1e-7).
+        / S and ATC = 0 exactly: pairs of the same factors or equal content digests get Phi = 1.
 
     Raises:
         ValueError: empty inputs, k < 1, or factors holding fewer than min(k, p) triplets.
@@ -268,42 +289,20 @@ def compute_atc(
         raise ValueError(f"similarity rank k must be positive, got {k}")
     if not source or not target:
         raise ValueError("ATC needs at least one source and one target module")
-    sides = []
-    for mapping in (source, target):
-        names = tuple(mapping)
-        factors = [mapping[name] for name in names]
-        for name, f in zip(names, factors, strict=True):
-            if f.rank < min(k, f.full_rank):
-                raise ValueError(f"factors of {name} hold {f.rank} triplets; k = {k} needs more")
-        ks = [min(k, f.full_rank) for f in factors]
-        roles = tuple(role_of(name, role_rule) for name in names)
-        sides.append((names, factors, ks, roles))
-    (s_names, s_f, s_k, s_roles), (t_names, t_f, t_k, t_roles) = sides
-
-    def keys(roles: Sequence[str], fs: Sequence[Factors], ks: Sequence[int], dim: int):
-        return [(r, f.shape[dim], kk) for r, f, kk in zip(roles, fs, ks, strict=True)]
-
-    def sv(fs: Sequence[Factors]) -> list[torch.Tensor] | None:
-        return [f.S for f in fs] if weighted else None
-
+    s_side, t_side = _Side.of(source, k, role_rule), _Side.of(target, k, role_rule)
+    s_f, t_f = s_side.factors, t_side.factors
     phi_l, valid_l = _side(
-        [f.U for f in s_f], [f.U for f in t_f], sv(s_f), sv(t_f),
-        keys(s_roles, s_f, s_k, 0), keys(t_roles, t_f, t_k, 0),
+        [f.U for f in s_f], [f.U for f in t_f], s_side.values(weighted), t_side.values(weighted),
+        s_side.keys(0), t_side.keys(0),
     )  # fmt: skip
     phi_r, valid_r = _side(
-        [f.V for f in s_f], [f.V for f in t_f], sv(s_f), sv(t_f),
-        keys(s_roles, s_f, s_k, 1), keys(t_roles, t_f, t_k, 1),
+        [f.V for f in s_f], [f.V for f in t_f], s_side.values(weighted), t_side.values(weighted),
+        s_side.keys(1), t_side.keys(1),
     )  # fmt: skip
-    # The same tensor (equal content digests) spans the same subspaces: Phi = 1 exactly, not
-    # 1 - (orthonormality error of float32 factors, ~1e-7).
-    t_index: dict[str, list[int]] = {}
-    for j, f in enumerate(t_f):
-        if f.digest:
-            t_index.setdefault(f.digest, []).append(j)
-    for i, f in enumerate(s_f):
-        for j in t_index.get(f.digest, []):
-            phi_l[i, j] = 1.0 if valid_l[i, j] else 0.0
-            phi_r[i, j] = 1.0 if valid_r[i, j] else 0.0
+    for i, j in _same_tensors(s_f, t_f):
+        phi_l[i, j] = 1.0 if valid_l[i, j] else 0.0
+        phi_r[i, j] = 1.0 if valid_r[i, j] else 0.0
+    s_names, t_names, s_roles, t_roles = s_side.names, t_side.names, s_side.roles, t_side.roles
     phi = how.phi(phi_l, phi_r)
     plans = [solve_transport(1.0 - x) for x in (phi_l, phi_r, phi)]
     atc_l = float(np.sum((1.0 - phi_l) * plans[0]))

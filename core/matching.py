@@ -12,46 +12,12 @@ For each target module j, with Phi the combined similarity and X* the combined p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import StrEnum
-
 import numpy as np
 
 from core.atc import ATCResult
+from core.decisions import Decision, ModuleDecision
 
 __all__ = ["Decision", "ModuleDecision", "match_modules"]
-
-
-class Decision(StrEnum):
-    """The outcome for one target module."""
-
-    SAME_NAME = "same_name"  # receives the adapter of the source module of the same name
-    REMATCHED = "rematched"  # receives the adapter of another source module (most OT mass)
-    SKIPPED = "skipped"  # receives nothing: no source module similar enough
-
-
-@dataclass(frozen=True)
-class ModuleDecision:
-    """The decision for one target module.
-
-    Attributes:
-        target: target module name.
-        source: the source module whose adapter it receives (None when skipped).
-        decision: see :class:`Decision`.
-        phi, phi_left, phi_right: similarities of (source, target); for a skip, of the
-            same-named source module if there is one, else 0.
-        mass: X*_ij of the combined plan for the chosen pair (0 when skipped).
-        reason: the decision in words.
-    """
-
-    target: str
-    source: str | None
-    decision: Decision
-    phi: float
-    phi_left: float
-    phi_right: float
-    mass: float
-    reason: str
 
 
 def match_modules(atc: ATCResult, *, min_similarity: float) -> tuple[ModuleDecision, ...]:

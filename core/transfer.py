@@ -1,35 +1,38 @@
 """Transfer a whole adapter from a source base to a target base (section 4.2, Algorithm 1).
 
-Each target module that a decision (:mod:`core.matching`) gives a source module receives that
-module's update, carried by :func:`core.projection.transfer_module` (eq. 3 in project mode, the
-default at full thin rank k = p, which is the paper's Algorithm 1). Target factors are streamed in
-shape-batches from a :class:`FactorStore` (or taken from a mapping); source factors are read only
-when a module needs them (different shape, compact LoRA-X, copy mode without a known dS).
+Every module the adapter adapts is considered. A decision (:mod:`core.matching`) gives a target
+module its source module(s); an adapter module outside the decided set goes to the target module
+of the same name (the assessed module set is a setting, the adapter's own keys are not); what
+reaches no target module is named in the result with its reason. Each carried update is
+:func:`core.projection.transfer_module` (eq. 3 in project mode, the default at full thin rank,
+which is the paper's Algorithm 1). A target fed by several source modules receives the weighted
+sum of their carried updates, as one LoRA of the summed rank.
+
+Factors are read only where :func:`core.projection.module_needs` says so: target factors
+streamed in shape-batches from a :class:`FactorStore` (or taken from a mapping), source factors
+for a different shape, a compact LoRA-X, or copy mode without a known dS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from core.adapter import AdapterKind, LoraAdapter, LoraModule
 from core.atc import ATCResult
-from core.errors import InputError, MissingModuleError, NonFiniteError, ShapeMismatchError
-from core.factorize import FactorStore, FactorView
+from core.decisions import Decision, ModuleDecision
+from core.errors import InputError
+from core.factor_bank import FactorBank, bank_factors, bank_shape, bank_store, stream_factors
+from core.factorize import FactorStore
 from core.factors import Factors
-from core.finite import all_finite
-from core.matching import Decision, ModuleDecision
-from core.projection import (
-    ModuleTransfer,
-    TransferMode,
-    needs_source_factors,
-    needs_target_factors,
-    transfer_module,
-)
+from core.modes import TransferMode
+from core.projection import ModuleTransfer, module_needs, transfer_module
+from core.transfer_plan import OUTSIDE_ASSESSED, LeftOut, Planned, check_adapter, plan_targets
 
-__all__ = ["ModuleReport", "TransferMode", "TransferResult", "transfer_adapter"]
-
-FactorBank = FactorStore | Mapping[str, Factors]
+__all__ = ["OUTSIDE_ASSESSED", "ModuleReport", "TransferMode", "TransferResult", "transfer_adapter"]
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,16 @@ class ModuleReport:
     Attributes:
         target: the target module updated; for a dropped adapter module, the target module it
             would have gone to (None when the target base has no such module).
-        source: the adapter (source) module.
+        source: the adapter (source) module (the heaviest one for a merged target).
         decision: same_name / rematched, or skipped for a dropped adapter module.
         mode: the transfer mode.
         rank: rank of the transferred update (0 when dropped).
         k: rank of the bases used (0 when dropped).
-        energy_source: ||dW_s||_F^2 of the adapter module (r x r Gram products).
+        energy_source: ||dW_s||_F^2 of the adapter module(s) (r x r Gram products).
         energy_target: ||dW_t||_F^2 of the result (0 when dropped).
-        phi: combined similarity of the pair (None without decisions).
+        phi: combined similarity of the pair (None without an assessed decision).
         notes: reasons, risks and facts.
+        contributions: (source, weight) of every module feeding this target.
     """
 
     target: str | None
@@ -60,6 +64,7 @@ class ModuleReport:
     energy_target: float
     phi: float | None
     notes: tuple[str, ...]
+    contributions: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,8 +72,8 @@ class TransferResult:
     """A transferred adapter and its figures.
 
     Attributes:
-        adapter: the new adapter; module names are the target's, layout, kind, config and
-            metadata as the input's.
+        adapter: the new adapter; module names are the target's; kind, layout, config,
+            metadata and every other attribute as the input's.
         modules: one :class:`ModuleReport` per updated target module, then one (decision
             ``skipped``) per adapter module whose own target module received nothing.
         modules_transferred: target modules that receive an update (rematched ones included).
@@ -78,6 +83,8 @@ class TransferResult:
             counted (its report row says so).
         energy_retained: sum ||dW_t||_F^2 over updated target modules / sum ||dW_s||_F^2 over all
             adapter modules (1.0 for an all-zero adapter).
+        dropped_energy_share: sum ||dW_s||_F^2 over the dropped adapter modules / the total: the
+            share of the adapter that reached no target module (0.0 for an all-zero adapter).
         adapter_weighted_similarity: sum phi * ||dW_s||_F^2 / sum ||dW_s||_F^2 over the report
             rows that have a phi (dropped rows count with their same-name phi); None without
             decisions.
@@ -98,118 +105,90 @@ class TransferResult:
     is_lorax: bool
     notes: tuple[str, ...]
     atc: ATCResult | None = None
+    dropped_energy_share: float = 0.0
+
+    @property
+    def left_out(self) -> tuple[tuple[str, str], ...]:
+        """(adapter module, reason) of every module whose update reaches no target module."""
+        fed = {s for r in self.modules if r.rank > 0 for s, _ in r.contributions}
+        return tuple(
+            (r.source, r.notes[0] if r.notes else "")
+            for r in self.modules
+            if r.decision is Decision.SKIPPED and r.source not in fed
+        )
 
 
-@dataclass(frozen=True)
-class _Pair:
-    target: str
-    source: str
-    decision: Decision
-    phi: float | None
+# --- carrying -------------------------------------------------------------------------------
 
 
-def _store(bank: FactorBank) -> FactorStore | None:
-    """The store behind ``bank``, if any (a view is answered at the rank the transfer needs)."""
-    if isinstance(bank, FactorStore):
-        return bank
-    return bank.store if isinstance(bank, FactorView) else None
+def _combine(carried: Sequence[tuple[ModuleTransfer, float]]) -> ModuleTransfer:
+    """sum_i w_i s_i B_i A_i as one pair: up = [w_1 s_1 B_1, ...], down = [A_1; ...], scale 1."""
+    if len(carried) == 1 and carried[0][1] == 1.0:
+        return carried[0][0]
+    up = torch.cat([t.up * (w * t.scale) for t, w in carried], dim=1)
+    down = torch.cat([t.down for t, _ in carried], dim=0)
+    notes = tuple(dict.fromkeys(n for t, _ in carried for n in t.notes))
+    return ModuleTransfer(up, down, 1.0, None, max(t.k for t, _ in carried), notes)
 
 
-def _shape(bank: FactorBank, name: str) -> tuple[int, int] | None:
-    store = _store(bank)
-    if store is not None:
-        return store.shape(name) if name in store else None
-    assert not isinstance(bank, FactorStore)
-    factors = bank.get(name)
-    return None if factors is None else factors.shape
+class _Carrier:
+    """Carries the planned pairs, reading factors only where a module needs them."""
 
+    def __init__(
+        self,
+        adapter: LoraAdapter,
+        source: FactorBank,
+        target: FactorBank,
+        mode: TransferMode,
+        rank: int | None,
+    ) -> None:
+        self.adapter, self.source, self.target = adapter, source, target
+        self.mode, self.rank = mode, rank
+        self.results: dict[tuple[str, str], ModuleTransfer] = {}
+        self.digests: dict[str, str] = {}
 
-def _get(bank: FactorBank, name: str, rank: int | None) -> Factors:
-    store = _store(bank)
-    if store is not None:
-        factors = store.factors(name, rank)
-    else:
-        assert not isinstance(bank, FactorStore)
-        factors = bank[name]
-    if not factors.exact:
-        raise ValueError(f"module {name}: randomized factors are for similarity, not transfer")
-    return factors
-
-
-def _stream(
-    bank: FactorBank, names: Sequence[str], rank: int | None
-) -> Iterator[tuple[str, Factors]]:
-    store = _store(bank)
-    if store is not None:
-        yield from store.iter_factors(names, rank)
-    else:
-        for name in names:
-            yield name, _get(bank, name, rank)
-
-
-def _check_adapter(adapter: LoraAdapter, source: FactorBank, used: set[str]) -> None:
-    """Shapes against the source base; presence for used modules; finite values."""
-    for name, module in adapter.modules.items():
-        shape = _shape(source, name)
-        if shape is None:
-            if name in used:
-                raise MissingModuleError(
-                    "adapter module has no weight of that name in the source base",
-                    path=adapter.source,
-                    key=name,
-                )
-            continue
-        if shape != module.shape:
-            m, n = module.shape
-            raise ShapeMismatchError(
-                f"adapter update is {m} x {n} but the source base weight is "
-                f"{shape[0]} x {shape[1]}: the adapter was not trained on this base",
-                path=adapter.source,
-                key=name,
+    def one(self, name: str, src: str, t_factors: Factors | None) -> None:
+        module = self.adapter.modules[src]
+        shape = t_factors.shape if t_factors is not None else bank_shape(self.target, name)
+        assert shape is not None
+        need = module_needs(module, shape, self.mode, self.rank, self.adapter.kind)
+        s_factors = None
+        if need.source is not None:
+            s_factors = bank_factors(self.source, src, need.source.rank)
+        try:
+            self.results[(name, src)] = transfer_module(
+                module, t_factors, s_factors, mode=self.mode, rank=self.rank, kind=self.adapter.kind
             )
-        tensors = [module.ds] if module.is_compact else [module.up, module.down]
-        if any(t is not None and not all_finite(t) for t in tensors):
-            raise NonFiniteError("adapter module holds NaN/Inf", path=adapter.source, key=name)
+        except InputError as exc:  # name the adapter file in the message
+            raise type(exc)(exc.reason, path=self.adapter.source, key=exc.key or name) from exc
+        self.digests[name] = t_factors.digest if t_factors is not None else ""
 
+    def run(self, planned: Sequence[Planned]) -> None:
+        """Square modules at full rank in project mode first (no target factors read or
+        computed), then the rest with target factors streamed in batches."""
+        ranks: dict[str, list[int | None]] = {}
+        for p in planned:
+            shape = bank_shape(self.target, p.target)
+            assert shape is not None  # _plan kept only targets the bank has
+            for src, _ in p.sources:
+                module = self.adapter.modules[src]
+                need = module_needs(module, shape, self.mode, self.rank, self.adapter.kind).target
+                if need is None:
+                    self.one(p.target, src, None)
+                else:
+                    ranks.setdefault(p.target, []).append(need.rank)
+        wanted = {
+            name: None if None in rs else max(r for r in rs if r is not None)
+            for name, rs in ranks.items()
+        }
+        sources = {p.target: p.sources for p in planned}
+        for name, t_factors in stream_factors(self.target, wanted):
+            for src, _ in sources[name]:
+                if (name, src) not in self.results:
+                    self.one(name, src, t_factors)
 
-def _plan(
-    adapter: LoraAdapter, target: FactorBank, decisions: Sequence[ModuleDecision] | None
-) -> tuple[list[_Pair], dict[str, tuple[str | None, float | None, str]]]:
-    """Pairs to transfer, and per adapter module not fed as its own target:
-    (target it would have gone to, phi, reason)."""
-    pairs: list[_Pair] = []
-    left_out: dict[str, tuple[str | None, float | None, str]] = {}
-    if decisions is None:
-        for name in adapter.modules:
-            if _shape(target, name) is None:
-                left_out[name] = (None, None, "no module of that name in the target base")
-            else:
-                pairs.append(_Pair(name, name, Decision.SAME_NAME, None))
-        return pairs, left_out
-    seen: set[str] = set()
-    for d in decisions:
-        if d.target in seen:
-            raise ValueError(f"two decisions for target module {d.target}")
-        seen.add(d.target)
-        if (
-            d.decision is not Decision.SKIPPED
-            and d.source is not None
-            and d.source in adapter.modules
-        ):
-            pairs.append(_Pair(d.target, d.source, Decision(d.decision), d.phi))
-        elif d.target in adapter.modules:
-            left_out[d.target] = (d.target, d.phi, d.reason)
-    fed = {pair.source for pair in pairs}
-    took = {pair.target: pair for pair in pairs}
-    for name in adapter.modules:
-        if name in fed or name in left_out:
-            continue
-        if name in took:
-            why = f"target module of that name took {took[name].source}'s update instead"
-            left_out[name] = (name, None, why)
-        else:
-            left_out[name] = (None, None, "not among the decided target modules")
-    return pairs, left_out
+    def carried(self, p: Planned) -> ModuleTransfer:
+        return _combine([(self.results[(p.target, s)], w) for s, w in p.sources])
 
 
 def transfer_adapter(
@@ -227,9 +206,10 @@ def transfer_adapter(
     Args:
         adapter: the adapter, its module names resolved to the source base's.
         source: the source base's factors (a :class:`FactorStore` or name -> exact factors).
-        target: the target base's factors (project mode at ``rank`` None needs all p triplets).
-        decisions: from :func:`core.matching.match_modules`; None maps each adapter module to
-            the target module of the same name.
+        target: the target base's factors (project mode at ``rank`` None needs all p triplets
+            of the modules :func:`core.projection.module_needs` reads).
+        decisions: from :func:`core.matching.match_modules`; adapter modules they do not decide
+            (and every module when None) go to the target module of the same name.
         mode: project (eq. 3), subspace (a LoRA-X of the target) or copy (Table 5 ablation).
         rank: see :func:`core.projection.transfer_module` (project: k, default p).
         atc: the comparison behind ``decisions``, kept in the result.
@@ -247,97 +227,76 @@ def transfer_adapter(
         ValueError: duplicate decisions, or factors too small for the request.
     """
     mode = TransferMode(mode)
-    pairs, left_out = _plan(adapter, target, decisions)
-    _check_adapter(adapter, source, {p.source for p in pairs})
-    by_target = {p.target: p for p in pairs}
-    if mode is TransferMode.PROJECT:
-        target_rank = rank
-    else:
-        target_rank = max((rank or adapter.modules[p.source].rank for p in pairs), default=1)
-    results: dict[str, ModuleTransfer] = {}
-    target_shapes: dict[str, tuple[int, ...] | None] = {}
-    digests: dict[str, str] = {}
-    target_store = _store(target)
-
-    def carry(name: str, t_factors: Factors | None, shape: tuple[int, int]) -> None:
-        pair = by_target[name]
-        module = adapter.modules[pair.source]
-        needs_source = needs_source_factors(module, shape, mode)
-        s_factors = _get(source, pair.source, None) if needs_source else None
-        try:
-            results[name] = transfer_module(
-                module, t_factors, s_factors, mode=mode, rank=rank, lorax=adapter.is_lorax
-            )
-        except InputError as exc:  # name the adapter file in the message
-            raise type(exc)(exc.reason, path=adapter.source, key=exc.key or name) from exc
-        digests[name] = t_factors.digest if t_factors is not None else ""
-        if target_store is not None:
-            stored = target_store.info(name).stored_shape
-            target_shapes[name] = stored if len(stored) != 2 else None
-        else:
-            same = name == pair.source and shape == module.shape
-            target_shapes[name] = module.weight_shape if same else None
-
-    # Square modules at full rank in project mode are carried as they are (the projectors are
-    # the identity): their target factors are neither read nor computed.
-    streamed = []
-    for pair in pairs:
-        shape = _shape(target, pair.target)
-        assert shape is not None  # _plan kept only targets the bank has
-        if needs_target_factors(adapter.modules[pair.source], shape, mode, rank):
-            streamed.append(pair.target)
-        else:
-            carry(pair.target, None, shape)
-    for name, t_factors in _stream(target, streamed, target_rank):
-        carry(name, t_factors, t_factors.shape)
-    return _assemble(adapter, pairs, left_out, results, target_shapes, digests, mode, rank, atc)
-
-
-def _assemble(
-    adapter: LoraAdapter,
-    pairs: list[_Pair],
-    left_out: dict[str, tuple[str | None, float | None, str]],
-    results: dict[str, ModuleTransfer],
-    target_shapes: dict[str, tuple[int, ...] | None],
-    digests: dict[str, str],
-    mode: TransferMode,
-    rank: int | None,
-    atc: ATCResult | None,
-) -> TransferResult:
-    modules: dict[str, LoraModule] = {}
-    reports: list[ModuleReport] = []
+    planned, left_out = plan_targets(adapter, target, decisions)
+    check_adapter(adapter, source, {s for p in planned for s, _ in p.sources})
+    carrier = _Carrier(adapter, source, target, mode, rank)
+    carrier.run(planned)
+    carried = {p.target: carrier.carried(p) for p in planned}
+    modules = {
+        p.target: _output_module(adapter, p, carried[p.target], carrier.digests, bank_store(target))
+        for p in planned
+    }
     energy = {name: module.energy() for name, module in adapter.modules.items()}
-    for pair in pairs:
-        res = results[pair.target]
-        own = adapter.modules.get(pair.target)
-        digest = digests[pair.target] if res.ds is not None else ""
-        out = LoraModule(
-            name=pair.target,
-            up=res.up,
-            down=res.down,
-            scale=res.scale,
-            ds=res.ds,
-            base_digest=digest or None,
-            source_key=own.source_key if own is not None else None,
-            weight_shape=target_shapes.get(pair.target),
-        )
-        modules[pair.target] = out
-        fed_by = () if pair.source == pair.target else (f"fed by source module {pair.source}",)
+    reports = _reports(planned, left_out, modules, carried, energy, mode)
+    return _result(adapter, modules, reports, energy, mode, rank, atc)
+
+
+def _output_module(
+    adapter: LoraAdapter,
+    p: Planned,
+    res: ModuleTransfer,
+    digests: Mapping[str, str],
+    target_store: FactorStore | None,
+) -> LoraModule:
+    own = adapter.modules.get(p.target)
+    if target_store is not None:
+        stored = target_store.info(p.target).stored_shape
+        weight_shape = stored if len(stored) != 2 else None
+    else:  # no file to ask: keep the module's own stored shape where it went to itself
+        shape = (int(res.up.shape[0]), int(res.down.shape[1]))
+        itself = own is not None and p.sources == ((p.target, 1.0),) and own.shape == shape
+        weight_shape = own.weight_shape if itself and own is not None else None
+    digest = digests.get(p.target, "") if res.ds is not None else ""
+    return LoraModule(
+        name=p.target,
+        up=res.up,
+        down=res.down,
+        scale=res.scale,
+        ds=res.ds,
+        base_digest=digest or None,
+        source_key=own.source_key if own is not None else None,
+        weight_shape=weight_shape,
+    )
+
+
+def _reports(
+    planned: Sequence[Planned],
+    left_out: LeftOut,
+    modules: Mapping[str, LoraModule],
+    carried: Mapping[str, ModuleTransfer],
+    energy: Mapping[str, float],
+    mode: TransferMode,
+) -> list[ModuleReport]:
+    reports: list[ModuleReport] = []
+    for p in planned:
+        out, res = modules[p.target], carried[p.target]
+        fed_by = tuple(f"fed by source module {s}" for s, _ in p.sources if s != p.target)
         reports.append(
             ModuleReport(
-                target=pair.target,
-                source=pair.source,
-                decision=pair.decision,
+                target=p.target,
+                source=p.primary,
+                decision=p.decision,
                 mode=mode,
                 rank=out.rank,
                 k=res.k,
-                energy_source=energy[pair.source],
+                energy_source=sum(energy[s] for s, _ in p.sources),
                 energy_target=out.energy(),
-                phi=pair.phi,
-                notes=fed_by + res.notes,
+                phi=p.phi,
+                notes=(*((p.note,) if p.note else ()), *fed_by, *res.notes),
+                contributions=p.sources,
             )
         )
-    fed = {pair.source: pair.target for pair in pairs}
+    fed = {s: p.target for p in planned for s, _ in p.sources}
     for name, (where, phi, why) in left_out.items():
         if name in fed:
             why = f"{why} (its update still feeds {fed[name]})"
@@ -355,8 +314,23 @@ def _assemble(
                 notes=(why,),
             )
         )
+    return reports
+
+
+def _result(
+    adapter: LoraAdapter,
+    modules: dict[str, LoraModule],
+    reports: Sequence[ModuleReport],
+    energy: Mapping[str, float],
+    mode: TransferMode,
+    rank: int | None,
+    atc: ATCResult | None,
+) -> TransferResult:
+    planned = [r for r in reports if r.contributions]  # the rest are dropped modules
+    fed = {s for r in planned for s, _ in r.contributions}
     total_source = sum(energy.values())
     total_target = sum(r.energy_target for r in reports)
+    dropped = sum(e for name, e in energy.items() if name not in fed)
     weighted = [(r.phi, r.energy_source) for r in reports if r.phi is not None]
     weight = sum(w for _, w in weighted)
     similarity = None
@@ -368,21 +342,15 @@ def _assemble(
     if adapter.kind is AdapterKind.LORAX_COMPACT and mode is TransferMode.PROJECT:
         notes.append("project mode yields no dS: write the result in expanded form")
     return TransferResult(
-        adapter=LoraAdapter(
-            modules=modules,
-            kind=adapter.kind,
-            layout=adapter.layout,
-            config=adapter.config,
-            metadata=adapter.metadata,
-            source=adapter.source,
-        ),
+        adapter=dataclasses.replace(adapter, modules=modules),
         modules=tuple(reports),
         mode=mode,
         rank=rank,
-        modules_transferred=len(pairs),
-        modules_rematched=sum(p.source != p.target for p in pairs),
+        modules_transferred=len(planned),
+        modules_rematched=sum(any(s != r.target for s, _ in r.contributions) for r in planned),
         modules_skipped=sum(name not in fed for name in adapter.modules),
         energy_retained=total_target / total_source if total_source > 0 else 1.0,
+        dropped_energy_share=dropped / total_source if total_source > 0 else 0.0,
         adapter_weighted_similarity=similarity,
         is_lorax=adapter.is_lorax,
         notes=tuple(notes),

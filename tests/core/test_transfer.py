@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,8 @@ from core.atc import compute_atc
 from core.errors import BaseMismatchError, MissingModuleError, NonFiniteError, ShapeMismatchError
 from core.factorize import FactorStore, factorize
 from core.matching import Decision, match_modules
-from core.projection import (
-    SIGN_RISK,
-    TransferMode,
-    needs_target_factors,
-    project_pair,
-    transfer_module,
-)
+from core.modes import Pair, project
+from core.projection import SIGN_RISK, TransferMode, module_needs, transfer_module
 from core.transfer import transfer_adapter
 from core.weights import WeightSource
 from tests.core.reference_algorithm1 import algorithm1
@@ -75,7 +71,7 @@ def test_full_rank_project_mode_is_algorithm_1() -> None:
     reference = algorithm1(ref_lora, {f"{k}.weight": w for k, w in target_w.items()})
     target = full_factors(target_w)
     for mod in modules:
-        out = transfer_module(mod, target[mod.name], mode="project", lorax=False)
+        out = transfer_module(mod, target[mod.name], mode="project", kind=AdapterKind.LORA)
         ref_up = reference[f"{mod.name}.lora.up.weight"]
         ref_down = reference[f"{mod.name}.lora.down.weight"]
         m, n = mod.shape
@@ -121,11 +117,13 @@ def test_projection_is_idempotent(m: int, n: int, seed: int, data) -> None:
     k = data.draw(st.integers(1, min(m, n)))
     target = factorize(random_matrix(m, n, seed))
     up, down = lora_module("w", m, n, 3, seed + 1).up, lora_module("w", m, n, 3, seed + 2).down
-    once = project_pair(up, down, target, k)
-    twice = project_pair(*once, target, k)
-    assert relative_error(twice[0], once[0]) < 1e-5 and relative_error(twice[1], once[1]) < 1e-5
+    left = target.U[:, :k] if k < m else None
+    right = target.V[:, :k] if k < n else None
+    once = project(Pair(up, down, 1.0), left, right)
+    twice = project(once, left, right)
+    assert relative_error(twice.up, once.up) < 1e-5 and relative_error(twice.down, once.down) < 1e-5
     if k < max(m, n):  # a proper subspace on at least one side: something was removed
-        changed = relative_error(once[0], up) + relative_error(once[1], down)
+        changed = relative_error(once.up, up) + relative_error(once.down, down)
         assert changed > 1e-4
 
 
@@ -340,10 +338,12 @@ def test_square_modules_at_full_rank_need_no_target_factors(tmp_path: Path) -> N
         if mod.name not in rectangular:
             assert torch.equal(out.up, mod.up.float()) and torch.equal(out.down, mod.down.float())
     # a truncated rank or another mode does need them; so does a rectangular module
-    assert needs_target_factors(modules[0], (320, 320), "project", rank=16)
-    assert needs_target_factors(modules[0], (320, 320), "subspace")
-    assert needs_target_factors(modules[1], (640, 768), "project")
-    assert not needs_target_factors(modules[0], (320, 320), "project", rank=320)
+    assert module_needs(modules[0], (320, 320), "project", rank=16).target is not None
+    assert module_needs(modules[0], (320, 320), "subspace").target is not None
+    rectangular_need = module_needs(modules[1], (640, 768), "project").target
+    assert rectangular_need is not None and not rectangular_need.exact  # a range basis serves
+    assert (rectangular_need.left, rectangular_need.right) == (False, True)  # V of a wide W
+    assert module_needs(modules[0], (320, 320), "project", rank=320).target is None
     with pytest.raises(ValueError, match="needs the target base's factors"):
         transfer_module(modules[1], None, mode="project")
 
@@ -386,3 +386,44 @@ def test_handmade_decisions_swap_and_skip() -> None:
     assert "took a's update instead" in rows["b"].notes[0]
     with pytest.raises(ValueError, match="two decisions"):
         transfer_adapter(adapter, base, base, [decisions[1], decisions[1]])
+
+
+def test_modules_outside_the_assessed_set_go_to_their_own_target() -> None:
+    from core.matching import ModuleDecision
+    from core.transfer import OUTSIDE_ASSESSED
+
+    base = {n: factorize(random_matrix(8, 8, i)) for i, n in enumerate(("attn", "ff", "gone"))}
+    target = {n: base[n] for n in ("attn", "ff")}
+    adapter = adapter_of([lora_module(n, 8, 8, 2, 3 + i) for i, n in enumerate(base)])
+    decisions = [ModuleDecision("attn", "attn", Decision.SAME_NAME, 0.9, 0.9, 0.9, 0.5, "same")]
+    result = transfer_adapter(adapter, base, target, decisions)
+    assert set(result.adapter.modules) == {"attn", "ff"}  # ff was not assessed, still carried
+    row = next(r for r in result.modules if r.target == "ff")
+    assert row.decision is Decision.SAME_NAME and OUTSIDE_ASSESSED in row.notes
+    assert result.left_out == (("gone", "no module of that name in the target base"),)
+    energy = {n: m.energy() for n, m in adapter.modules.items()}
+    assert result.dropped_energy_share == pytest.approx(energy["gone"] / sum(energy.values()))
+    assert 0 < result.dropped_energy_share < 1
+
+
+def test_a_target_fed_by_several_sources_gets_their_weighted_sum() -> None:
+    from core.matching import ModuleDecision
+
+    base = {n: factorize(random_matrix(8, 8, i)) for i, n in enumerate(("a", "b", "c"))}
+    target = {"c": base["c"]}
+    adapter = adapter_of([lora_module(n, 8, 8, 2, 11 + i, scale=0.5) for i, n in enumerate("ab")])
+    merged = ModuleDecision(
+        "c", "a", Decision.REMATCHED, 0.7, 0.7, 0.7, 0.5, "merge",
+        contributions=(("a", 0.25), ("b", 0.75)),
+    )  # fmt: skip
+    result = transfer_adapter(adapter, base, target, [merged])
+    out = result.adapter.modules["c"]
+    assert out.rank == 4 and result.modules_skipped == 0 and result.left_out == ()
+    expected = 0.25 * adapter.modules["a"].delta() + 0.75 * adapter.modules["b"].delta()
+    single = transfer_adapter(
+        adapter, base, target, [dataclasses.replace(merged, contributions=())]
+    )
+    assert relative_error(single.adapter.modules["c"].delta(), expected) > 0.1
+    assert relative_error(out.delta(), expected) < 1e-5  # square at full rank: unchanged updates
+    row = result.modules[0]
+    assert row.contributions == (("a", 0.25), ("b", 0.75)) and row.source == "b"
