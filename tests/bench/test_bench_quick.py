@@ -59,10 +59,30 @@ def test_transfer_speed_quick(tmp_path: Path) -> None:
     # module at full rank needs no factors); none when warm (the cache works)
     service, cold, warm = (rows[0][f"ours_{x}"] for x in ("service", "cold", "warm"))
     assert service["factorized"] > cold["factorized"] > 0 and warm["factorized"] == 0
+    # a new base's first pass: today (full SVD of both bases) against ours, project and subspace
+    new = result["models"]["tiny-unet"]["new_base"]
+    assert new["adapters"] == 2 and new["k"] == 32
+    today, project, subspace = (new["runs"][x] for x in ("today", "project", "subspace"))
+    for run in (today, project, subspace):
+        assert _finite(run["wall_s"], run["assess_s"], run["peak_rss_mb"], run["cache_target_mb"])
+        assert run["decisions"] == ["same_name"]
+    assert today["factorized"]["target"]["exact"] > 0 == today["factorized"]["target"]["basis"]
+    assert project["factorized"]["target"]["exact"] == 0  # no SVD of the new base ...
+    assert project["factorized"]["target"]["basis"] > 0  # ... a QR of its rectangular modules
+    assert project["factorized"]["source"]["randomized"] > 0
+    # subspace mode: exact leading triplets, no QR (on toy widths the assessment's own factors
+    # are exact already: k x 7 >= p falls back to the exact SVD, and they serve the transfer)
+    assert subspace["factorized"]["target"]["basis"] == 0
+    assert project["cache_target_mb"] < today["cache_target_mb"]
+    assert _finite(new["speedup_project"], new["speedup_subspace"])
+    for key in ("project_vs_alg1", "today_vs_alg1", "project_vs_today", "subspace_vs_exact"):
+        assert new["diff"][key]["modules_compared"] > 0
+        assert new["diff"][key]["max_rel_diff"] <= MAX_REL_DIFF, key
     sizes = result["sizes"]["rows"]
     assert [r["model"] for r in sizes] == ["grid-b1-w48", "grid-b4-w96"]
     for r in sizes:
         assert _finite(r["ours"]["peak_rss_mb"], r["alg1"]["peak_rss_mb"], r["max_rel_diff"])
+        assert _finite(r["new_base"]["peak_rss_mb"], r["new_base"]["wall_s"])
         assert r["max_rel_diff"] <= MAX_REL_DIFF
 
 
