@@ -111,6 +111,30 @@ def test_atc_scale_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_registry_scale_quick(tmp_path: Path) -> None:
+    result = _run("registry_scale", tmp_path)
+    assert result["quick"] is True
+    (section,) = result["registries"]
+    assert section["share"] == 0.5
+    rows = section["rows"]
+    assert [r["size"] for r in rows] == [20, 40]
+    for r in rows:
+        assert r["counts"]["ours"] + r["counts"]["others"] == r["size"]
+        assert r["counts"]["others"] > 0  # other teams' versions are in the registry too
+        daemon = r["daemon"]
+        assert len(daemon["idle_s"]) == 2 and _finite(*daemon["idle_s"], daemon["first_pass_s"])
+        assert daemon["seen"]["adapters"] == r["counts"]["ours"] - 1  # all but the base big/1
+        assert daemon["baseline"]["versions"] == r["size"]
+        assert _finite(daemon["peak_rss_mb"], *daemon["rss_mb"], r["idle_over_listing"])
+        (tick,) = r["ticks"]
+        assert tick["jobs"] == 0 and _finite(tick["wall_s"], tick["peak_rss_mb"])
+    drain = rows[-1]["daemon"]["drain"]  # two adapters of enc/1 carried onto enc/2
+    assert drain["planned"] == 2 and drain["outcomes"] == {"succeeded": 2}
+    assert _finite(drain["pass_s"], drain["rss_start_mb"], drain["rss_end_mb"])
+    assert "drain" not in rows[0]["daemon"]
+
+
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_scale_quick(tmp_path: Path) -> None:
     pytest.importorskip("ray")
