@@ -193,8 +193,8 @@ class Settings(BaseSettings):
     # --- factorization and its cache ----------------------------------------------------
     assessment_factors: Literal["randomized", "exact"] = Field(
         "randomized",
-        description="Factors of assessments: randomized top-k (block Krylov; every similarity "
-        "within 1e-3 of exact, several times faster) or exact (a full SVD, keeping only the "
+        description="Factors of assessments: randomized top-k (block Krylov; on trained weights "
+        "every similarity within 1e-3 of exact, several times faster) or exact (a full SVD, keeping only the "
         "top triplets).",
     )
     cache_max_gb: float = Field(

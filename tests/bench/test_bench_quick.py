@@ -111,6 +111,20 @@ def test_atc_scale_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_randomized_settings_quick(tmp_path: Path) -> None:
+    result = _run("randomized_settings", tmp_path)
+    before, default = result["settings"]
+    assert "before" in before and "default" in default
+    for row in result["cost"].values():
+        assert _finite(row["exact_s"], row[default]["s"], row[default]["x_exact"])
+        assert row[default]["max_psi_err"] < row[before]["max_psi_err"]
+    pristine = result["accuracy"]["minilm->pristine"]  # the real weights (suite dependencies)
+    assert pristine[default]["max_psi_err"] < 1e-3 < pristine[before]["max_psi_err"]
+    assert pristine[default]["atc_err"] < 1e-3
+    assert _finite(*result["accuracy"]["minilm->random-init"][default].values())
+
+
+@pytest.mark.slow
 def test_registry_scale_quick(tmp_path: Path) -> None:
     result = _run("registry_scale", tmp_path)
     assert result["quick"] is True
