@@ -7,7 +7,7 @@ Both bases of a pair (``bench/shapes.py``: base A and its successor B) are facto
 safetensors files with an empty factor cache, then ``core.atc.compute_atc`` and
 ``core.matching.match_modules`` run on the leading k triplets. Each path runs in a fresh process:
 
-- **exact**: what ``migrator.migration.assess`` does: ``FactorStore.prefetch()`` (full thin SVD
+- **exact**: what ``migrator.bases.compare_bases`` does: ``FactorStore.prefetch()`` (full thin SVD
   of every matrix, batched by shape, cached on disk for later transfers), then the similarities
   on a rank-k view;
 - **truncated**: ``FactorStore.prefetch(rank=k, exact=False)`` (the randomized block Krylov

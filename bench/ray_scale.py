@@ -8,7 +8,7 @@ empty factor cache, each path in a fresh process:
 
 - **local**: what ``MIGRATOR_EXECUTOR=local`` runs: one ``FactorStore.prefetch()`` in the
   process, torch on every core (2 threads here);
-- **ray**: what ``MIGRATOR_EXECUTOR=ray`` runs: ``migrator.ray_executor.factor_groups`` cuts the
+- **ray**: what ``MIGRATOR_EXECUTOR=ray`` runs: ``migrator.executors.factor_plan.factor_groups`` cuts the
   base into tasks by shape group and ``factorize_on_ray`` runs them (1 CPU and 1 torch thread a
   task), on a local Ray with 2 CPUs (or the cluster at ``--address``). Timed apart: Ray's start,
   the workers' first import (a warm-up task per slot), planning the tasks (content digests of
@@ -61,17 +61,17 @@ def work_local(p: dict[str, Any]) -> dict[str, Any]:
     """Factorize every selected module of the base in this process (the local executor)."""
     import torch
 
-    from migrator.migration import open_base
+    from migrator.bases import open_base
 
     torch.set_num_threads(p.get("threads") or os.cpu_count() or 1)
     base = open_base(Path(p["base"]), _settings(p), label=p["label"])
     load_before = measure.load_average()[0]
     with measure.Timer() as t:
-        base.store.prefetch()
+        base.store.prefetch(base.selected)
     return {
         "load_1min": [load_before, measure.load_average()[0]],
         "seconds": t.seconds,
-        "modules": len(base.modules),
+        "modules": len(base.selected),
         "computed": base.store.computed,
         "threads": torch.get_num_threads(),
     }
@@ -79,7 +79,7 @@ def work_local(p: dict[str, Any]) -> dict[str, Any]:
 
 def _warm_up() -> int:
     """A task that imports what a factorization task imports (run once per slot)."""
-    import migrator.ray_tasks  # noqa: F401
+    import migrator.executors.ray_tasks  # noqa: F401
 
     time.sleep(1.0)  # hold the slot so the next warm-up lands on another worker
     return os.getpid()
@@ -90,8 +90,9 @@ def work_ray(p: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray: loopback only
     import ray
 
-    from migrator.migration import open_base
-    from migrator.ray_executor import factor_groups, factorize_on_ray
+    from migrator.bases import open_base
+    from migrator.executors.factor_plan import factor_groups
+    from migrator.executors.ray_runtime import factorize_on_ray
 
     with measure.Timer() as start:
         if p["address"]:
@@ -166,7 +167,7 @@ def division(
     modules: list[tuple[str, tuple[int, int]]], seconds_of: Any, label: str
 ) -> list[dict[str, Any]]:
     """For each N: the tasks the Ray executor would make, their LPT makespan on N workers."""
-    from migrator.ray_executor import split_modules
+    from migrator.executors.factor_plan import split_modules
 
     total = sum(seconds_of(shape) for _, shape in modules)
     written = sum(factor_bytes(shape) for _, shape in modules)

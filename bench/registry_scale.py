@@ -9,7 +9,7 @@ are other teams' model versions without those tags). The migrator's adapters are
 adapters of a base ``big/1`` that has no successor, in lineages of 10 versions: all already
 migrated, so a pass finds nothing to do. At each size, in fresh processes:
 
-- **daemon**: ``Context.create`` once, then ``run_once`` as the scheduler calls it: a first pass
+- **daemon**: ``build_context`` once, then ``run_once`` as the scheduler calls it: a first pass
   (it records the catalog of every version in a fresh job database), then ``--passes`` idle
   passes (the figure of interest), with the resident memory after each and the peak;
 - **tick**: ``migrator tick --json`` as a subprocess (``--ticks`` times), wall time from start
@@ -186,12 +186,13 @@ def work_daemon(p: dict[str, Any]) -> dict[str, Any]:
     """``run_once`` as the daemon runs it: one context, a first pass, idle passes, a drain."""
     os.environ.update(p["env"])
     from migrator.database import prepare_database
-    from migrator.pipeline import Context, run_once
+    from migrator.pipeline import run_once
     from migrator.settings import load_settings
+    from migrator.wiring import build_context
 
     settings = load_settings()
-    prepare_database(settings.database)
-    ctx = Context.create(settings)
+    prepare_database(settings.database_url.get_secret_value())
+    ctx = build_context(settings)
     started = time.perf_counter()
     first = run_once(ctx)
     out: dict[str, Any] = {"first_pass_s": time.perf_counter() - started, "idle_s": []}

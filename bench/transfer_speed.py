@@ -15,7 +15,7 @@ Algorithm 1), each configuration in a fresh process:
   square module is carried unchanged (its projectors are the identity), so only the rectangular
   matrices are factorized;
 - **ours, cold + full factorization**: the same after ``FactorStore.prefetch()`` of B (every
-  matrix factorized, as ``migrator.migration.assess`` does before any transfer of a new base):
+  matrix factorized, as ``migrator.bases.compare_bases`` does before any transfer of a new base):
   the cost of a base's first transfers in the service;
 - **ours, warm**: the cold path in a new process whose factor cache the cold run filled;
 - **Algorithm 1**: ``tests/core/reference_algorithm1.py`` (the literal transcription that the

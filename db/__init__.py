@@ -7,10 +7,9 @@ unit of work in :func:`session_scope`. Migrations are in :mod:`db.migrations` (`
 """
 
 from db import migrations
-from db.assessments import find_assessment, params_hash, store_assessment
+from db.assessments import find_assessment, params_hash, store_assessment, store_figures
 from db.base import Base
 from db.catalog import (
-    adapter_versions_on_base,
     deprecate_base,
     find_adapter_version,
     find_base_version,
@@ -43,7 +42,9 @@ from db.jobs import (
     list_jobs,
     pending_approvals,
     reject,
+    replan_job,
     retry,
+    stale_pending_jobs,
 )
 from db.leases import (
     DEFAULT_LEASE_S,
@@ -57,16 +58,15 @@ from db.leases import (
 )
 from db.lineage import (
     LineageEntry,
-    LineageLatest,
     ancestors,
     descendants,
-    latest_per_lineage,
     record_lineage,
 )
 from db.migrations import VERSION_TABLE, ensure_at_head
 from db.models import (
     AdapterVersion,
     Assessment,
+    AssessmentFigure,
     AuditEvent,
     BaseModelVersion,
     Lineage,
@@ -99,6 +99,7 @@ __all__ = [
     "AdapterOrigin",
     "AdapterVersion",
     "Assessment",
+    "AssessmentFigure",
     "AuditAction",
     "AuditEvent",
     "BackoffPolicy",
@@ -114,13 +115,11 @@ __all__ = [
     "LeaseLostError",
     "Lineage",
     "LineageEntry",
-    "LineageLatest",
     "ModulePair",
     "ReasonRequiredError",
     "SchemaDriftError",
     "TransferJob",
     "UTCDateTime",
-    "adapter_versions_on_base",
     "ancestors",
     "apply_policy_decision",
     "approve",
@@ -143,7 +142,6 @@ __all__ = [
     "get_or_create_job",
     "heartbeat",
     "job_for_lineage",
-    "latest_per_lineage",
     "list_jobs",
     "make_engine",
     "make_session_factory",
@@ -154,9 +152,12 @@ __all__ = [
     "record_lineage",
     "reject",
     "release",
+    "replan_job",
     "retry",
     "session_scope",
+    "stale_pending_jobs",
     "store_assessment",
+    "store_figures",
     "transition",
     "utcnow",
 ]

@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from db.idempotent import find_by_key, insert_or_get
-from db.models import Assessment, ModulePair
+from db.models import Assessment, AssessmentFigure, ModulePair
 
-__all__ = ["find_assessment", "params_hash", "store_assessment"]
+__all__ = ["find_assessment", "params_hash", "store_assessment", "store_figures"]
 
 _ATC_SLACK = 1e-9  # float rounding in the transport cost sum
 
@@ -62,6 +62,7 @@ def store_assessment(
     module_pairs: Iterable[ModulePair],
     session: Session,
     timings: Mapping[str, float] | None = None,
+    figures: Mapping[str, bytes] | None = None,
 ) -> tuple[Assessment, bool]:
     """Store an assessment with its module pairs, unless one exists for the same key.
 
@@ -71,6 +72,8 @@ def store_assessment(
         atc_left, atc_right, atc: ATC on U, on V, and their combination, each in [0, 1].
         module_pairs: new, unattached :class:`ModulePair` rows.
         timings: seconds per step (factorize, similarity, transport, ...).
+        figures: file name -> bytes of figures rendered from it (the similarity heatmap), which
+            every transfer run planned from it logs.
 
     Returns:
         ``(assessment, created)``; when one existed it is returned unchanged.
@@ -92,6 +95,20 @@ def store_assessment(
             atc=atc,
             timings=dict(timings or {}),
             module_pairs=list(module_pairs),
+            figures=[AssessmentFigure(name=n, content=c) for n, c in (figures or {}).items()],
         ),
         session=session,
     )
+
+
+def store_figures(
+    assessment: Assessment, figures: Mapping[str, bytes], *, session: Session
+) -> None:
+    """Add or replace figures of a stored assessment (file name -> bytes)."""
+    by_name = {f.name: f for f in assessment.figures}
+    for name, content in figures.items():
+        if name in by_name:
+            by_name[name].content = content
+        else:
+            assessment.figures.append(AssessmentFigure(name=name, content=content))
+    session.flush()

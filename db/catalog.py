@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.enums import AdapterFormat, AdapterLayout, AdapterOrigin, BaseStatus
@@ -12,7 +9,6 @@ from db.idempotent import find_by_key, insert_or_get
 from db.models import AdapterVersion, BaseModelVersion
 
 __all__ = [
-    "adapter_versions_on_base",
     "deprecate_base",
     "find_adapter_version",
     "find_base_version",
@@ -81,12 +77,3 @@ def deprecate_base(base: BaseModelVersion, superseded_by: str, *, session: Sessi
     base.status = BaseStatus.DEPRECATED
     base.superseded_by = superseded_by
     session.flush()
-
-
-def adapter_versions_on_base(base_id: int, *, session: Session) -> Sequence[AdapterVersion]:
-    """Every adapter version trained on (or transferred to) the base, oldest first."""
-    return session.scalars(
-        select(AdapterVersion)
-        .where(AdapterVersion.base_id == base_id)
-        .order_by(AdapterVersion.created_at, AdapterVersion.id)
-    ).all()

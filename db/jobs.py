@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from db.enums import AuditAction
 from db.errors import IllegalTransitionError, JobNotFoundError, ReasonRequiredError
 from db.idempotent import insert_or_get
-from db.models import AdapterVersion, AuditEvent, TransferJob
+from db.models import AdapterVersion, Assessment, AuditEvent, TransferJob
 from db.status import JobStatus, transition
 from db.timestamps import utcnow
 
@@ -35,7 +35,9 @@ __all__ = [
     "pending_approvals",
     "record_audit",
     "reject",
+    "replan_job",
     "retry",
+    "stale_pending_jobs",
 ]
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -318,3 +320,54 @@ def job_for_lineage(
         .order_by(TransferJob.id)
         .limit(1)
     ).first()
+
+
+def stale_pending_jobs(current_params_hash: str, *, session: Session) -> Sequence[TransferJob]:
+    """Jobs waiting for approval whose assessment was made under other parameters (or is gone),
+    oldest first."""
+    return session.scalars(
+        select(TransferJob)
+        .outerjoin(Assessment, TransferJob.assessment_id == Assessment.id)
+        .where(TransferJob.status == JobStatus.PENDING_APPROVAL)
+        .where((Assessment.id.is_(None)) | (Assessment.params_hash != current_params_hash))
+        .order_by(TransferJob.id)
+    ).all()
+
+
+def replan_job(
+    job_id: int,
+    *,
+    assessment_id: int,
+    atc: float,
+    decision: JobStatus,
+    reason: str,
+    session: Session,
+    actor: str = POLICY_ACTOR,
+) -> TransferJob:
+    """Plan a job waiting for approval again under a new assessment, with an audit row.
+
+    Approved by the policy now: it becomes approved (action ``approve``). Otherwise it keeps
+    waiting for an admin (action ``policy``, status unchanged), also when the policy would now
+    skip it: an admin decides, as before.
+
+    Raises:
+        JobNotFoundError; IllegalTransitionError: the job is not pending approval.
+    """
+    decision = JobStatus(decision)
+    job = get_job(job_id, session=session, for_update=True)
+    if job.status is not JobStatus.PENDING_APPROVAL:
+        raise IllegalTransitionError(job.id, job.status.value, decision.value, "re-plan")
+    now = utcnow()
+    job.assessment_id, job.atc = assessment_id, atc
+    job.policy_decision, job.policy_reason = decision, reason
+    previous = job.status
+    action = AuditAction.POLICY
+    if decision is JobStatus.APPROVED:
+        transition(job, JobStatus.APPROVED, now=now)
+        action = AuditAction.APPROVE
+    else:
+        job.updated_at = now
+    record_audit(
+        job, action, actor=actor, reason=reason, from_status=previous, session=session, at=now
+    )
+    return job

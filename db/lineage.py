@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, exists, func, literal, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Integer, func, literal, select
+from sqlalchemy.orm import Session
 
 from db.idempotent import insert_or_get
 from db.models import AdapterVersion, Lineage
@@ -14,10 +14,8 @@ from db.models import AdapterVersion, Lineage
 __all__ = [
     "MAX_LINEAGE_DEPTH",
     "LineageEntry",
-    "LineageLatest",
     "ancestors",
     "descendants",
-    "latest_per_lineage",
     "record_lineage",
 ]
 
@@ -31,14 +29,6 @@ class LineageEntry:
 
     adapter: AdapterVersion
     depth: int
-
-
-@dataclass(frozen=True)
-class LineageLatest:
-    """The newest version of one lineage on a given base; ``root`` is the lineage's original."""
-
-    root: AdapterVersion
-    latest: AdapterVersion
 
 
 def record_lineage(
@@ -100,48 +90,3 @@ def ancestors(adapter_version_id: int, *, session: Session) -> list[LineageEntry
 def descendants(adapter_version_id: int, *, session: Session) -> list[LineageEntry]:
     """Every version derived from the given one, nearest first."""
     return _walk(adapter_version_id, upward=False, session=session)
-
-
-def latest_per_lineage(base_id: int, *, session: Session) -> list[LineageLatest]:
-    """For each lineage (tree under an original adapter version) that has versions on
-    ``base_id``: its newest one there (by ``created_at``, then id). Ordered by root id."""
-    is_child = exists().where(Lineage.child_id == AdapterVersion.id)
-    tree = (
-        select(
-            AdapterVersion.id.label("root_id"),
-            AdapterVersion.id.label("node_id"),
-            literal(0, Integer).label("depth"),
-        )
-        .where(~is_child)
-        .cte("tree", recursive=True)
-    )
-    tree = tree.union_all(
-        select(tree.c.root_id, Lineage.child_id, tree.c.depth + 1)
-        .join(tree, Lineage.parent_id == tree.c.node_id)
-        .where(tree.c.depth < MAX_LINEAGE_DEPTH)
-    )
-    ranked = (
-        select(
-            tree.c.root_id,
-            tree.c.node_id,
-            func.row_number()
-            .over(
-                partition_by=tree.c.root_id,
-                order_by=(AdapterVersion.created_at.desc(), AdapterVersion.id.desc()),
-            )
-            .label("recency"),
-        )
-        .join(AdapterVersion, AdapterVersion.id == tree.c.node_id)
-        .where(AdapterVersion.base_id == base_id)
-        .subquery()
-    )
-    root = aliased(AdapterVersion, name="root")
-    latest = aliased(AdapterVersion, name="latest")
-    rows = session.execute(
-        select(root, latest)
-        .join(ranked, root.id == ranked.c.root_id)
-        .join(latest, latest.id == ranked.c.node_id)
-        .where(ranked.c.recency == 1)
-        .order_by(root.id)
-    ).all()
-    return [LineageLatest(root=r, latest=lt) for r, lt in rows]

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -32,6 +33,7 @@ from db.timestamps import UTCDateTime, utcnow
 __all__ = [
     "AdapterVersion",
     "Assessment",
+    "AssessmentFigure",
     "AuditEvent",
     "BaseModelVersion",
     "Lineage",
@@ -138,6 +140,11 @@ class Assessment(Base):
         cascade="all, delete-orphan",
         order_by="ModulePair.id",
     )
+    figures: Mapped[list[AssessmentFigure]] = relationship(
+        back_populates="assessment",
+        cascade="all, delete-orphan",
+        order_by="AssessmentFigure.id",
+    )
 
 
 class ModulePair(Base):
@@ -154,10 +161,29 @@ class ModulePair(Base):
     phi_left: Mapped[float | None] = mapped_column(Float)
     phi_right: Mapped[float | None] = mapped_column(Float)
     transport_mass: Mapped[float | None] = mapped_column(Float)
-    decision: Mapped[str] = mapped_column(String(32))  # core.matching decision value
+    decision: Mapped[str] = mapped_column(String(32))  # core.decisions.Decision value
     reason: Mapped[str | None] = mapped_column(Text)
+    # [[source module, weight], ...] for a target fed by several source modules; None: one.
+    contributions: Mapped[list[list[Any]] | None] = mapped_column(JSON)
 
     assessment: Mapped[Assessment] = relationship(back_populates="module_pairs")
+
+
+class AssessmentFigure(Base):
+    """A figure rendered once per assessment (the similarity heatmap), logged with every
+    transfer run planned from it, so that runs need not recompute the similarities."""
+
+    __tablename__ = "assessment_figures"
+    __table_args__ = (UniqueConstraint("assessment_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assessment_id: Mapped[int] = mapped_column(
+        ForeignKey("assessments.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(128))  # artifact file name, e.g. similarity.png
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+
+    assessment: Mapped[Assessment] = relationship(back_populates="figures")
 
 
 class TransferJob(Base):

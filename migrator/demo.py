@@ -271,9 +271,10 @@ def _jobs_table(ctx) -> None:  # type: ignore[no-untyped-def]
 def main() -> int:
     from migrator.database import prepare_database
     from migrator.logs import configure_logging
-    from migrator.pipeline import Context, run_once
+    from migrator.pipeline import run_once
     from migrator.registry.mlflow_registry import MlflowRegistry
     from migrator.settings import load_settings
+    from migrator.wiring import build_context
 
     started = time.perf_counter()
     configure_logging("WARNING")
@@ -281,8 +282,8 @@ def main() -> int:
         del os.environ[key]  # the demo shows the embedded defaults, whatever the shell says
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     settings = load_settings(data_dir=DEMO_DIR)
-    prepare_database(settings.database)
-    registry = MlflowRegistry(settings.tracking, artifact_root=settings.artifact_root)
+    prepare_database(settings.database_url.get_secret_value())
+    registry = MlflowRegistry.from_settings(settings)
     client = registry.client
     console.print(f"[bold]LoRA-X Migrator demo[/] in {DEMO_DIR.resolve()}")
     already = [v for v in registry.list_versions(role="base") if v.name == BASE]
@@ -290,7 +291,7 @@ def main() -> int:
         console.print("the demo registry exists already: no registration, just another pass")
     else:
         _populate(client, DEMO_DIR / "build")
-    ctx = Context.create(settings, registry)
+    ctx = build_context(settings, registry)
     ctx.on_progress = lambda message: console.print(f"[dim]{message}[/]", highlight=False)
     report = run_once(ctx)
     console.print()

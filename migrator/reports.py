@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["TransferSummary", "module_map_json", "plot_similarity", "version_description"]
+__all__ = ["TransferSummary", "plot_similarity", "version_description"]
 
 _MAX_TICK_LABELS = 48
 
@@ -37,17 +37,17 @@ def plot_similarity(
     phi_right: np.ndarray,
     sources: Sequence[str],
     targets: Sequence[str],
-    out: Path,
+    out: Path | BinaryIO,
     *,
     title: str,
     matches: Sequence[tuple[int, int]] = (),
-) -> Path:
+) -> None:
     """Write a PNG with the left (U) and right (V) subspace similarity of every module pair.
 
     Args:
         phi_left, phi_right: (S, T) similarities in [0, 1] (0 for invalid pairs).
         sources, targets: module names along the rows and columns.
-        out: PNG path.
+        out: PNG path, or a binary file to write the PNG to.
         title: figure title (e.g. the two bases and the ATC).
         matches: (source index, target index) of the chosen module pairs, marked on the plot.
     """
@@ -73,15 +73,10 @@ def plot_similarity(
             ax.scatter(cols, rows, s=8, marker="s", facecolors="none", edgecolors="red", lw=0.6)
     fig.colorbar(image, ax=axes, shrink=0.8, label="Psi")
     fig.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    if isinstance(out, Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, format="png")
     plt.close(fig)
-    return out
-
-
-def module_map_json(rows: Sequence[dict[str, object]]) -> str:
-    """The module map (one object per target module) as indented JSON."""
-    return json.dumps(list(rows), indent=2)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from core.vocabulary import Combine, TransferMode
+
 __all__ = ["ConfigFileError", "Device", "ExecutorKind", "Settings", "load_settings"]
 
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -63,18 +65,17 @@ class Settings(BaseSettings):
         Path(".migrator"),
         description="Folder for the embedded defaults: SQLite files, artifacts, cache, scratch.",
     )
-    tracking_uri: str | None = Field(
-        None,
+    # The fields whose defaults derive from data_dir (and the environment) are filled in by
+    # _derive_defaults before validation, so they always hold a value.
+    tracking_uri: str = Field(
         description="MLflow tracking URI. Falls back to MLFLOW_TRACKING_URI, then to "
         "sqlite:///<data_dir>/mlflow.db.",
     )
-    registry_uri: str | None = Field(
-        None, description="MLflow registry URI. Defaults to the tracking URI."
-    )
-    database_url: SecretStr | None = Field(
-        None,
+    registry_uri: str = Field(description="MLflow registry URI. Defaults to the tracking URI.")
+    database_url: SecretStr = Field(
         description="SQLAlchemy URL of the job database. Defaults to "
-        "sqlite:///<data_dir>/migrator.db; PostgreSQL (postgresql+psycopg://...) in production.",
+        "sqlite:///<data_dir>/migrator.db; PostgreSQL (postgresql+psycopg://...) in production. "
+        "Empty on Ray workers, which never touch the job database.",
     )
     artifact_root: str | None = Field(
         None,
@@ -84,13 +85,12 @@ class Settings(BaseSettings):
     experiment_name: str = Field(
         "lorax-migrations", description="MLflow experiment that holds the migration runs."
     )
-    cache_dir: Path | None = Field(
-        None,
+    cache_dir: Path = Field(
         description="Factorization cache, keyed by tensor content digest (default "
         "<data_dir>/factor-cache). Share it between replicas and workers when you can.",
     )
-    scratch_dir: Path | None = Field(
-        None, description="Scratch space for downloads (default <data_dir>/scratch)."
+    scratch_dir: Path = Field(
+        description="Scratch space for downloads (default <data_dir>/scratch)."
     )
 
     # --- the method --------------------------------------------------------------------
@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     weighted_similarity: bool = Field(
         False, description="Use the singular-value-weighted similarity of eq. 5 instead of eq. 4."
     )
-    atc_combine: Literal["mean", "max", "left", "right"] = Field(
-        "mean", description="How ATC left and right combine into the ATC that decides."
+    atc_combine: Combine = Field(
+        Combine.MEAN, description="How ATC left and right combine into the ATC that decides."
     )
     module_min_similarity: float = Field(
         0.5, ge=0.0, le=1.0, description="Per-module similarity threshold (filter blocks)."
@@ -116,8 +116,9 @@ class Settings(BaseSettings):
         description="Extra (regex, replacement) pairs applied to module names, after numeric "
         "segments are wildcarded, to form a module's role.",
     )
-    transfer_mode: Literal["project", "subspace", "copy"] = Field(
-        "project", description="project (paper Algorithm 1), subspace (k = r), or copy (ablation)."
+    transfer_mode: TransferMode = Field(
+        TransferMode.PROJECT,
+        description="project (paper Algorithm 1), subspace (k = r), or copy (ablation).",
     )
     transfer_rank: int | None = Field(
         None, ge=1, description="k of the projection in project mode (default: full thin rank)."
@@ -194,8 +195,8 @@ class Settings(BaseSettings):
     assessment_factors: Literal["randomized", "exact"] = Field(
         "randomized",
         description="Factors of assessments: randomized top-k (block Krylov; on trained weights "
-        "every similarity within 1e-3 of exact, several times faster) or exact (a full SVD, keeping only the "
-        "top triplets).",
+        "every similarity within 1e-3 of exact, several times faster) or exact (a full SVD, "
+        "keeping only the top triplets).",
     )
     cache_max_gb: float = Field(
         40.0,
@@ -204,69 +205,49 @@ class Settings(BaseSettings):
         "recently used entries are evicted beyond it; 0: no cap.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_defaults(cls, data: Any) -> Any:
+        """Fill the settings whose defaults derive from ``data_dir`` and the environment."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        folder = Path(data.get("data_dir") or cls.model_fields["data_dir"].default)
+        if not data.get("tracking_uri"):
+            env = os.environ.get("MLFLOW_TRACKING_URI")
+            data["tracking_uri"] = env or f"sqlite:///{(folder / 'mlflow.db').as_posix()}"
+        if not data.get("registry_uri"):
+            data["registry_uri"] = data["tracking_uri"]
+        if data.get("database_url") in (None, ""):
+            data["database_url"] = f"sqlite:///{(folder / 'migrator.db').as_posix()}"
+        data["cache_dir"] = data.get("cache_dir") or folder / "factor-cache"
+        data["scratch_dir"] = data.get("scratch_dir") or folder / "scratch"
+        local = str(data["tracking_uri"]).startswith(("sqlite:", "file:", "/"))
+        if data.get("artifact_root") is None and local:
+            data["artifact_root"] = (folder / "mlartifacts").resolve().as_uri()
+        return data
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _check_database_url(cls, value: Any) -> Any:
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if raw in (None, ""):
-            return None
-        if "://" not in str(raw):
+        if raw not in ("", None) and "://" not in str(raw):
             raise ValueError(f"not a SQLAlchemy URL: {raw!r} (expected e.g. sqlite:///path.db)")
         return value
 
     @model_validator(mode="after")
-    def _fill_defaults(self) -> Settings:
+    def _check_policy(self) -> Settings:
         if self.auto_approve_atc > self.max_atc:
             raise ValueError(
                 f"auto_approve_atc ({self.auto_approve_atc}) must not exceed max_atc "
                 f"({self.max_atc})"
             )
-        data = self.data_dir
-        if self.tracking_uri in (None, ""):
-            env = os.environ.get("MLFLOW_TRACKING_URI")
-            self.tracking_uri = env or f"sqlite:///{(data / 'mlflow.db').as_posix()}"
-        if self.registry_uri in (None, ""):
-            self.registry_uri = self.tracking_uri
-        if self.database_url is None:
-            self.database_url = SecretStr(f"sqlite:///{(data / 'migrator.db').as_posix()}")
-        if self.cache_dir is None:
-            self.cache_dir = data / "factor-cache"
-        if self.scratch_dir is None:
-            self.scratch_dir = data / "scratch"
-        if self.artifact_root is None and self.tracking_uri.startswith(("sqlite:", "file:", "/")):
-            self.artifact_root = (data / "mlartifacts").resolve().as_uri()
         return self
-
-    # Typed accessors for the fields the validator always fills.
-    @property
-    def tracking(self) -> str:
-        assert self.tracking_uri is not None
-        return self.tracking_uri
-
-    @property
-    def registry(self) -> str:
-        assert self.registry_uri is not None
-        return self.registry_uri
-
-    @property
-    def database(self) -> str:
-        assert self.database_url is not None
-        return self.database_url.get_secret_value()
-
-    @property
-    def factor_cache_dir(self) -> Path:
-        assert self.cache_dir is not None
-        return self.cache_dir
 
     @property
     def cache_max_bytes(self) -> int | None:
         """The factor cache's size cap in bytes (None: no cap), for ``FactorCache(max_bytes=)``."""
         return None if self.cache_max_gb == 0 else int(self.cache_max_gb * 1e9)
-
-    @property
-    def scratch(self) -> Path:
-        assert self.scratch_dir is not None
-        return self.scratch_dir
 
     @classmethod
     def settings_customise_sources(

@@ -34,6 +34,7 @@ from db import (
 from migrator.cli.common import (
     EXIT_BAD_INPUT,
     actor,
+    decisions_table,
     emit_json,
     fail,
     fmt_atc,
@@ -43,6 +44,7 @@ from migrator.cli.common import (
     table,
 )
 from migrator.database import prepare_database
+from migrator.documents import decision_document, decision_from_row, job_document
 from migrator.registry import VersionRef
 
 __all__ = ["approvals_app", "jobs_app", "lineage_command"]
@@ -64,32 +66,8 @@ class _Db:
 def _sessions() -> _Db:
     """The job database (admin commands need neither the registry nor the math)."""
     settings = state.settings()
-    prepare_database(settings.database)
-    return _Db(make_session_factory(make_engine(settings.database)))
-
-
-def job_document(job: TransferJob) -> dict[str, object]:
-    return {
-        "id": job.id,
-        "status": job.status.value,
-        "adapter": job.adapter_version.ref,
-        "source_base": job.source_base.ref,
-        "target_base": job.target_base.ref,
-        "atc": job.atc,
-        "mode": job.mode,
-        "policy_decision": None if job.policy_decision is None else job.policy_decision.value,
-        "policy_reason": job.policy_reason,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "next_attempt_at": job.next_attempt_at,
-        "last_error": job.last_error,
-        "lease_owner": job.lease_owner,
-        "lease_expires_at": job.lease_expires_at,
-        "result": job.result_ref,
-        "mlflow_run_id": job.mlflow_run_id,
-        "created_at": job.created_at,
-        "updated_at": job.updated_at,
-    }
+    prepare_database(settings.database_url.get_secret_value())
+    return _Db(make_session_factory(make_engine(settings.database_url.get_secret_value())))
 
 
 def _jobs_table(title: str, jobs: list[TransferJob]) -> None:
@@ -133,7 +111,7 @@ def _act(
     ctx = _sessions()
     with session_scope(ctx.sessions) as session:
         job = action(job_id, actor(by), reason, session=session)
-        doc = job_document(job)
+        doc: dict[str, Any] = job_document(job)
     if as_json:
         emit_json(doc)
     else:
@@ -209,43 +187,29 @@ def jobs_list(
         emit_json(docs)
 
 
-@jobs_app.command("show")
-@guarded
-def jobs_show(
-    job_id: int = typer.Argument(..., help="Job id."), as_json: bool = JSON_OPTION
-) -> None:
-    """One job: its decision, attempts, result, module decisions and audit trail."""
-    ctx = _sessions()
-    with session_scope(ctx.sessions) as session:
-        job = get_job(job_id, session=session)
-        doc = job_document(job)
-        audit: list[dict[str, Any]] = [
-            {
-                "action": e.action.value,
-                "actor": e.actor,
-                "reason": e.reason,
-                "from": e.from_status.value,
-                "to": e.to_status.value,
-                "at": e.at,
-            }
-            for e in audit_trail(job_id, session=session)
-        ]
-        pairs = job.assessment.module_pairs if job.assessment is not None else []
-        modules: list[dict[str, Any]] = [
-            {
-                "target": p.target_module,
-                "source": p.source_module,
-                "phi_left": p.phi_left,
-                "phi_right": p.phi_right,
-                "decision": p.decision,
-                "reason": p.reason,
-            }
-            for p in pairs
-        ]
-        doc["audit"], doc["modules"] = audit, modules
-    if as_json:
-        emit_json(doc)
-        return
+def _audit_document(job_id: int, session: Session) -> list[dict[str, Any]]:
+    return [
+        {
+            "action": e.action.value,
+            "actor": e.actor,
+            "reason": e.reason,
+            "from": e.from_status.value,
+            "to": e.to_status.value,
+            "at": e.at,
+        }
+        for e in audit_trail(job_id, session=session)
+    ]
+
+
+def _modules_document(job: TransferJob) -> list[dict[str, Any]]:
+    """The module decisions the job was planned (and approved) with."""
+    if job.assessment is None:
+        return []
+    combine = str(job.assessment.parameters.get("combine", "mean"))
+    return [decision_document(decision_from_row(p, combine)) for p in job.assessment.module_pairs]
+
+
+def _print_job(job_id: int, doc: dict[str, Any]) -> None:
     table(
         f"job {job_id}",
         ["field", "value"],
@@ -256,24 +220,29 @@ def jobs_show(
         ["at", "action", "actor", "from -> to", "reason"],
         [
             [a["at"], a["action"], a["actor"], f"{a['from']} -> {a['to']}", a["reason"] or ""]
-            for a in audit
+            for a in doc["audit"]
         ],
     )
-    if modules:
-        table(
-            "module decisions",
-            ["target", "source", "phi left", "phi right", "decision"],
-            [
-                [
-                    m["target"],
-                    m["source"] or "-",
-                    fmt_atc(m["phi_left"]),
-                    fmt_atc(m["phi_right"]),
-                    m["decision"],
-                ]
-                for m in modules
-            ],
+    if doc["modules"]:
+        decisions_table("module decisions", doc["modules"])
+
+
+@jobs_app.command("show")
+@guarded
+def jobs_show(
+    job_id: int = typer.Argument(..., help="Job id."), as_json: bool = JSON_OPTION
+) -> None:
+    """One job: its decision, attempts, result, module decisions and audit trail."""
+    ctx = _sessions()
+    with session_scope(ctx.sessions) as session:
+        job = get_job(job_id, session=session)
+        doc = job_document(
+            job, audit=_audit_document(job_id, session), modules=_modules_document(job)
         )
+    if as_json:
+        emit_json(doc)
+    else:
+        _print_job(job_id, doc)
 
 
 @jobs_app.command("retry")
@@ -312,6 +281,63 @@ def _parent_of(adapter_id: int, session: Session) -> tuple[str, int | None] | No
     return None if edge is None else (edge.parent.ref, edge.job_id)
 
 
+def _lineage_of_name(name: str, session: Session) -> dict[str, Any] | None:
+    versions = _versions_of(name, session)
+    if not versions:
+        return None
+    rows = []
+    for v in versions:
+        parent = _parent_of(v.id, session)
+        rows.append(
+            {
+                "version": v.ref,
+                "base": v.base.ref,
+                "origin": v.origin.value,
+                "parent": parent and parent[0],
+                "job": parent and parent[1],
+            }
+        )
+    return {"name": name, "versions": rows}
+
+
+def _lineage_of_version(adapter: AdapterVersion, session: Session) -> dict[str, Any]:
+    def edges(entries: list[Any]) -> list[dict[str, Any]]:
+        return [
+            {"version": e.adapter.ref, "base": e.adapter.base.ref, "depth": e.depth}
+            for e in entries
+        ]
+
+    return {
+        "version": adapter.ref,
+        "base": adapter.base.ref,
+        "origin": adapter.origin.value,
+        "ancestors": edges(ancestors(adapter.id, session=session)),
+        "descendants": edges(descendants(adapter.id, session=session)),
+    }
+
+
+def _print_lineage(what: str, doc: dict[str, Any]) -> None:
+    if "versions" not in doc:
+        chain = [*reversed(doc["ancestors"]), {"version": doc["version"], "base": doc["base"]}]
+        out.print(" -> ".join(f"{c['version']} ({c['base']})" for c in chain))
+        for d in doc["descendants"]:
+            out.print(f"{'  ' * int(d['depth'])}└ {d['version']} ({d['base']})")
+        return
+    children: dict[str | None, list[dict[str, object]]] = {}
+    for v in doc["versions"]:
+        children.setdefault(v["parent"], []).append(v)
+    tree = Tree(f"[bold]{what}[/]")
+
+    def grow(node: Tree, parent: str | None) -> None:
+        for v in children.get(parent, []):
+            label = f"{v['version']} on {v['base']} ({v['origin']}"
+            label += f", job {v['job']})" if v["job"] else ")"
+            grow(node.add(label), str(v["version"]))
+
+    grow(tree, None)
+    out.print(tree)
+
+
 @guarded
 def lineage_command(
     what: str = typer.Argument(..., help="An adapter registered model NAME, or NAME/VERSION."),
@@ -324,60 +350,17 @@ def lineage_command(
     except ValueError:
         ref = None
     with session_scope(ctx.sessions) as session:
-        if ref is not None and find_adapter_version(ref.name, ref.version, session=session) is None:
-            ref = None  # a name that merely ends in /<digits>
-        if ref is None:
-            versions = _versions_of(what, session)
-            if not versions:
-                fail(f"no adapter named {what!r} is known to the migrator", EXIT_BAD_INPUT)
-            doc: dict[str, Any] = {
-                "name": what,
-                "versions": [
-                    {
-                        "version": v.ref,
-                        "base": v.base.ref,
-                        "origin": v.origin.value,
-                        "parent": (p := _parent_of(v.id, session)) and p[0],
-                        "job": p and p[1],
-                    }
-                    for v in versions
-                ],
-            }
-        else:
+        adapter = None
+        if ref is not None:  # else a name that merely ends in /<digits>
             adapter = find_adapter_version(ref.name, ref.version, session=session)
-            assert adapter is not None
-            doc = {
-                "version": adapter.ref,
-                "base": adapter.base.ref,
-                "origin": adapter.origin.value,
-                "ancestors": [
-                    {"version": e.adapter.ref, "base": e.adapter.base.ref, "depth": e.depth}
-                    for e in ancestors(adapter.id, session=session)
-                ],
-                "descendants": [
-                    {"version": e.adapter.ref, "base": e.adapter.base.ref, "depth": e.depth}
-                    for e in descendants(adapter.id, session=session)
-                ],
-            }
+        doc = (
+            _lineage_of_version(adapter, session)
+            if adapter is not None
+            else _lineage_of_name(what, session)
+        )
+    if doc is None:
+        fail(f"no adapter named {what!r} is known to the migrator", EXIT_BAD_INPUT)
     if as_json:
         emit_json(doc)
-        return
-    if "versions" in doc:
-        children: dict[str | None, list[dict[str, object]]] = {}
-        for v in doc["versions"]:
-            children.setdefault(v["parent"], []).append(v)
-        tree = Tree(f"[bold]{what}[/]")
-
-        def grow(node: Tree, parent: str | None) -> None:
-            for v in children.get(parent, []):
-                label = f"{v['version']} on {v['base']} ({v['origin']}"
-                label += f", job {v['job']})" if v["job"] else ")"
-                grow(node.add(label), str(v["version"]))
-
-        grow(tree, None)
-        out.print(tree)
     else:
-        chain = [*reversed(doc["ancestors"]), {"version": doc["version"], "base": doc["base"]}]
-        out.print(" -> ".join(f"{c['version']} ({c['base']})" for c in chain))
-        for d in doc["descendants"]:
-            out.print(f"{'  ' * int(d['depth'])}└ {d['version']} ({d['base']})")
+        _print_lineage(what, doc)

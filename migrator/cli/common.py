@@ -36,6 +36,7 @@ __all__ = [
     "EXIT_FAILED",
     "State",
     "actor",
+    "decisions_table",
     "emit_json",
     "fail",
     "guarded",
@@ -140,6 +141,24 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     for row in rows:
         t.add_row(*("" if cell is None else str(cell) for cell in row))
     out.print(t)
+
+
+def decisions_table(title: str, modules: Sequence[dict[str, Any]]) -> None:
+    """The module decisions (``migrator.documents.decision_document`` rows) as a table."""
+    table(
+        title,
+        ["target module", "source module", "phi left", "phi right", "decision"],
+        [
+            (
+                m["target"],
+                m["source"] or "-",
+                fmt_atc(m["phi_left"]),
+                fmt_atc(m["phi_right"]),
+                m["decision"],
+            )
+            for m in modules
+        ],
+    )
 
 
 def fmt_atc(value: object) -> str:

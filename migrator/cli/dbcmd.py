@@ -20,7 +20,7 @@ def db_upgrade(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Migrate the job database (MIGRATOR_DATABASE_URL) to the code's schema."""
-    url = state.settings().database
+    url = state.settings().database_url.get_secret_value()
     ensure_sqlite_parent(url)
     before = migrations.current(url)
     migrations.upgrade(url, revision)
@@ -37,7 +37,7 @@ def db_check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Exit 0 when the job database is at head and matches the models; 1 otherwise."""
-    url = state.settings().database
+    url = state.settings().database_url.get_secret_value()
     current, head = migrations.current(url), migrations.head()
     problem = None
     if current != head:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from core.errors import InputError
+from core.vocabulary import TransferMode
 from migrator.cli.common import (
     EXIT_BAD_INPUT,
+    decisions_table,
     emit_json,
     fail,
     fmt_atc,
@@ -23,9 +25,12 @@ from migrator.registry import Tag, VersionRef
 from migrator.settings import Settings
 
 if TYPE_CHECKING:
-    from migrator.migration import BaseModel, ProgressFn
+    from migrator.adapters import CarriedAdapter
+    from migrator.bases import BaseComparison, OpenedBase, ProgressFn
 
 __all__ = ["atc_command", "transfer_command"]
+
+MODES = ", ".join(m.value for m in TransferMode)
 
 
 def _download(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str | None]:
@@ -37,14 +42,9 @@ def _download(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str 
         ref = VersionRef.parse(spec)
     except ValueError as exc:
         raise InputError(str(exc), path=spec) from None
-    registry = MlflowRegistry(
-        settings.tracking,
-        settings.registry,
-        retries=settings.registry_retries,
-        backoff_s=settings.registry_backoff_s,
-    )
+    registry = MlflowRegistry.from_settings(settings)
     info = registry.get_version(ref)
-    dest = settings.scratch / "cli" / kind / ref.name / ref.version
+    dest = settings.scratch_dir / "cli" / kind / ref.name / ref.version
     local = registry.download(ref, dest)
     return local, str(ref), info.tags.get(Tag.WEIGHTS_PATH) or None
 
@@ -58,11 +58,38 @@ def _local(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str | N
     return path, spec, None
 
 
-def _open(spec: str, settings: Settings, progress: ProgressFn | None) -> BaseModel:
-    from migrator.migration import open_base
+def _open(spec: str, settings: Settings, progress: ProgressFn | None) -> OpenedBase:
+    from migrator.bases import open_base
 
     path, label, weights_path = _local(spec, settings, "bases")
     return open_base(path, settings, label=label, weights_path=weights_path, progress=progress)
+
+
+def _atc_document(comparison: BaseComparison, src: str, tgt: str) -> dict[str, Any]:
+    from migrator.documents import decision_document
+
+    atc = comparison.atc
+    return {
+        "atc": atc.atc,
+        "atc_left": atc.atc_left,
+        "atc_right": atc.atc_right,
+        "similarity_rank": atc.k,
+        "combine": atc.combine.value,
+        "source": src,
+        "target": tgt,
+        "seconds": round(comparison.seconds, 3),
+        "modules": [decision_document(d) for d in comparison.decisions],
+    }
+
+
+def _print_atc(document: dict[str, Any], counts: dict[str, int], plot: Path | None) -> None:
+    decisions_table(f"{document['source']} -> {document['target']}", document["modules"])
+    out.print(
+        f"ATC [bold]{document['atc']:.3f}[/] (left {document['atc_left']:.3f}, right "
+        f"{document['atc_right']:.3f}; k = {document['similarity_rank']}); modules: "
+        f"{counts['same_name']} same name, {counts['rematched']} rematched, "
+        f"{counts['skipped']} skipped" + (f"; heatmap: {plot}" if plot else "")
+    )
 
 
 @guarded
@@ -80,7 +107,7 @@ def atc_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Adapter Transferability Cost of SOURCE -> TARGET, with every module's match."""
-    from migrator.migration import assess
+    from migrator.bases import compare_bases
 
     settings = state.settings()
     if rank is not None:
@@ -88,59 +115,58 @@ def atc_command(
     with progress_bar("factorizing", enabled=not as_json) as progress:
         src = _open(source, settings, progress)
         tgt = _open(target, settings, progress)
-        assessment = assess(src, tgt, settings)
-    atc = assessment.atc
-    modules = [
-        {
-            "target": d.target,
-            "source": d.source,
-            "phi_left": round(d.phi_left, 6),
-            "phi_right": round(d.phi_right, 6),
-            "decision": d.decision.value,
-            "phi": round(d.phi, 6),
-            "transport_mass": d.mass,
-            "reason": d.reason,
-        }
-        for d in assessment.decisions
-    ]
+        comparison = compare_bases(src, tgt, settings)
     if plot is not None:
-        assessment.plot(plot, source_label=src.label, target_label=tgt.label)
+        comparison.plot(plot, source_label=src.label, target_label=tgt.label)
+    document = _atc_document(comparison, src.label, tgt.label)
+    document["plot"] = None if plot is None else str(plot)
     if as_json:
-        emit_json(
-            {
-                "atc": atc.atc,
-                "atc_left": atc.atc_left,
-                "atc_right": atc.atc_right,
-                "similarity_rank": atc.k,
-                "combine": atc.combine.value,
-                "source": src.label,
-                "target": tgt.label,
-                "seconds": round(assessment.seconds, 3),
-                "modules": modules,
-                "plot": None if plot is None else str(plot),
-            }
-        )
-        return
+        emit_json(document)
+    else:
+        _print_atc(document, comparison.counts, plot)
+
+
+def _transfer_document(
+    carried: CarriedAdapter, comparison: BaseComparison | None, files: list[Path]
+) -> dict[str, Any]:
+    result = carried.result
+    atc = None if comparison is None else comparison.atc
+    return {
+        "modules_transferred": result.modules_transferred,
+        "modules_rematched": result.modules_rematched,
+        "modules_skipped": result.modules_skipped,
+        "energy_retained": result.energy_retained,
+        "atc": None if atc is None else atc.atc,
+        "atc_left": None if atc is None else atc.atc_left,
+        "atc_right": None if atc is None else atc.atc_right,
+        "adapter_weighted_similarity": result.adapter_weighted_similarity,
+        "mode": result.mode.value,
+        "is_lorax": result.is_lorax,
+        "layout": carried.layout.value,
+        "files": [str(f) for f in files],
+        "notes": list(result.notes),
+    }
+
+
+def _print_transfer(document: dict[str, Any], title: str) -> None:
     table(
-        f"{src.label} -> {tgt.label}",
-        ["target module", "source module", "phi left", "phi right", "decision"],
+        title,
+        ["modules transferred", "rematched", "skipped", "energy retained", "ATC"],
         [
             [
-                m["target"],
-                m["source"] or "-",
-                f"{m['phi_left']:.3f}",
-                f"{m['phi_right']:.3f}",
-                m["decision"],
+                document["modules_transferred"],
+                document["modules_rematched"],
+                document["modules_skipped"],
+                f"{document['energy_retained']:.1%}",
+                fmt_atc(document["atc"]),
             ]
-            for m in modules
         ],
     )
-    counts = assessment.counts
-    out.print(
-        f"ATC [bold]{atc.atc:.3f}[/] (left {atc.atc_left:.3f}, right {atc.atc_right:.3f}; "
-        f"k = {atc.k}); modules: {counts['same_name']} same name, {counts['rematched']} "
-        f"rematched, {counts['skipped']} skipped" + (f"; heatmap: {plot}" if plot else "")
-    )
+    for note in document["notes"]:
+        out.print(f"note: {note}")
+    if not document["is_lorax"]:
+        out.print("note: the input is a plain LoRA, not a LoRA-X: expect a weaker transfer")
+    out.print(f"wrote {', '.join(document['files'])}")
 
 
 @guarded
@@ -158,7 +184,7 @@ def transfer_command(
         help="Where to write the result (a folder, or a .safetensors file for single-file layouts).",
     ),
     mode: str = typer.Option(
-        "project",
+        TransferMode.PROJECT.value,
         "--mode",
         help="project (full-rank projection, paper Algorithm 1), subspace (k = r) or copy.",
     ),
@@ -173,62 +199,26 @@ def transfer_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Carry ADAPTER from base --from to base --to, training-free; write it in its own layout."""
-    from migrator.migration import assess, load_adapter, migrate, write_migrated
+    from migrator.adapters import carry_adapter, load_adapter, single_file_of, write_carried
+    from migrator.bases import compare_bases
 
-    if mode not in ("project", "subspace", "copy"):
-        fail(f"--mode must be project, subspace or copy, not {mode!r}", EXIT_BAD_INPUT)
+    if mode not in {m.value for m in TransferMode}:
+        fail(f"--mode must be one of {MODES}, not {mode!r}", EXIT_BAD_INPUT)
     settings = state.settings()
     with progress_bar("factorizing", enabled=not as_json) as progress:
         src = _open(source, settings, progress)
         tgt = _open(target, settings, progress)
         adapter_path, _, _ = _local(adapter, settings, "adapters")
         loaded = load_adapter(adapter_path, src, settings)
-        assessment = assess(src, tgt, settings) if match else None
-        migrated = migrate(loaded, src, tgt, assessment, settings, mode=mode, rank=rank)
-    result = migrated.result
-    like = adapter_path if adapter_path.is_file() else None
-    if (
-        like is None
-        and adapter_path.is_dir()
-        and not (adapter_path / "adapter_config.json").exists()
-    ):
-        singles = list(adapter_path.glob("*.safetensors"))
-        like = singles[0] if len(singles) == 1 else None
-    files = write_migrated(migrated, output, like=like)
-    atc = None if assessment is None else assessment.atc
-    document = {
-        "modules_transferred": result.modules_transferred,
-        "modules_rematched": result.modules_rematched,
-        "modules_skipped": result.modules_skipped,
-        "energy_retained": result.energy_retained,
-        "atc": None if atc is None else atc.atc,
-        "atc_left": None if atc is None else atc.atc_left,
-        "atc_right": None if atc is None else atc.atc_right,
-        "adapter_weighted_similarity": result.adapter_weighted_similarity,
-        "mode": result.mode.value,
-        "is_lorax": result.is_lorax,
-        "layout": migrated.layout.value,
-        "files": [str(f) for f in files],
-        "notes": list(result.notes),
-    }
+        comparison = compare_bases(src, tgt, settings) if match else None
+        decisions = None if comparison is None else comparison.decisions
+        atc = None if comparison is None else comparison.atc
+        carried = carry_adapter(
+            loaded, src, tgt, decisions, settings, mode=mode, rank=rank, atc=atc
+        )
+    files = write_carried(carried, output, like=single_file_of(adapter_path))
+    document = _transfer_document(carried, comparison, files)
     if as_json:
         emit_json(document)
-        return
-    table(
-        f"{adapter}: {src.label} -> {tgt.label} ({result.mode.value})",
-        ["modules transferred", "rematched", "skipped", "energy retained", "ATC"],
-        [
-            [
-                result.modules_transferred,
-                result.modules_rematched,
-                result.modules_skipped,
-                f"{result.energy_retained:.1%}",
-                fmt_atc(document["atc"]),
-            ]
-        ],
-    )
-    for note in result.notes:
-        out.print(f"note: {note}")
-    if not result.is_lorax:
-        out.print("note: the input is a plain LoRA, not a LoRA-X: expect a weaker transfer")
-    out.print(f"wrote {', '.join(str(f) for f in files)}")
+    else:
+        _print_transfer(document, f"{adapter}: {src.label} -> {tgt.label} ({document['mode']})")

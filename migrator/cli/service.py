@@ -46,21 +46,26 @@ log = logging.getLogger(__name__)
 
 def job_row(job: TransferJob, detail: str | None = None) -> dict[str, object]:
     """How a job shows in pass reports: decision, status, the new version (or why not)."""
+    from migrator.documents import job_document
+
+    doc = job_document(job)
     return {
-        "job": job.id,
-        "adapter": job.adapter_version.ref,
-        "source_base": job.source_base.ref,
-        "target_base": job.target_base.ref,
-        "atc": job.atc,
-        "decision": None if job.policy_decision is None else job.policy_decision.value,
-        "status": job.status.value,
-        "new_version": job.result_ref,
-        "reason": detail or job.policy_reason,
+        "job": doc["id"],
+        "adapter": doc["adapter"],
+        "source_base": doc["source_base"],
+        "target_base": doc["target_base"],
+        "atc": doc["atc"],
+        "decision": doc["policy_decision"],
+        "status": doc["status"],
+        "new_version": doc["result"],
+        "reason": detail or doc["policy_reason"],
     }
 
 
 def _rows(ctx: Context, report: TickReport) -> list[dict[str, object]]:
     """One row per job planned or executed in the pass."""
+    from migrator.pipeline.executor import OutcomeStatus
+
     results = {o.job_id: o for o in report.outcomes}
     rows: list[dict[str, object]] = []
     ids = [p.job_id for p in report.planned if p.job_id is not None]
@@ -84,7 +89,8 @@ def _rows(ctx: Context, report: TickReport) -> list[dict[str, object]]:
     with session_scope(ctx.sessions) as session:
         for job_id in ids:
             outcome = results.get(job_id)
-            detail = outcome.detail if outcome and outcome.status != "succeeded" else None
+            succeeded = outcome is not None and outcome.status is OutcomeStatus.SUCCEEDED
+            detail = outcome.detail if outcome and not succeeded else None
             rows.append(job_row(get_job(job_id, session=session), detail))
     return rows
 
@@ -131,10 +137,10 @@ def print_report(rows: list[dict[str, object]], report: TickReport, *, title: st
 
 
 def _context(settings: Settings) -> Context:
-    from migrator.pipeline import Context
+    from migrator.wiring import build_context
 
-    prepare_database(settings.database)
-    return Context.create(settings)
+    prepare_database(settings.database_url.get_secret_value())
+    return build_context(settings)
 
 
 def _document(rows: list[dict[str, object]], report: TickReport) -> dict[str, object]:
@@ -166,7 +172,9 @@ def tick_command(
         emit_json(_document(rows, report))
     else:
         print_report(rows, report, title="migration pass")
-    if any(o.status in ("failed", "retrying") for o in report.outcomes):
+    from migrator.pipeline.executor import FAILURES
+
+    if any(o.status in FAILURES for o in report.outcomes):
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -222,17 +230,18 @@ def run_command() -> None:
     settings = state.settings()
     stop = StopToken()
     try:
-        prepare_database(settings.database)
+        prepare_database(settings.database_url.get_secret_value())
     except Exception as exc:  # not at head: refuse at once; unreachable: wait for it
         from sqlalchemy.exc import OperationalError
 
         if not isinstance(exc, OperationalError):
             raise
-        if not wait_for_database(settings.database, stop):
+        if not wait_for_database(settings.database_url.get_secret_value(), stop):
             return
-    from migrator.pipeline import Context, run_once
+    from migrator.pipeline import run_once
+    from migrator.wiring import build_context
 
-    ctx = Context.create(settings)
+    ctx = build_context(settings)
     heartbeat = _heartbeat_file(settings)
     heartbeat.parent.mkdir(parents=True, exist_ok=True)
 

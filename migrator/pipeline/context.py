@@ -1,4 +1,5 @@
-"""What a pass needs: settings, the registry, the job database, local files, a stop token."""
+"""What a pass needs: settings, the registry, the job database, local files, where jobs run, a
+stop token. The entry points build it (:func:`migrator.wiring.build_context`)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import make_engine, make_session_factory
+from migrator.bases import OpenedBase, ProgressFn, open_base
 from migrator.daemon import StopToken
-from migrator.database import ensure_sqlite_parent
-from migrator.migration import BaseModel, ProgressFn, open_base
 from migrator.registry import ModelVersionInfo, Registry, Tag, VersionRef
 from migrator.settings import Settings
 
-__all__ = ["CRASH_ENV", "Context", "Workspace", "crash_point", "ensure_sqlite_parent"]
+if TYPE_CHECKING:
+    from migrator.pipeline.executor import Executor
+
+__all__ = ["CRASH_ENV", "Context", "Workspace", "crash_point"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +64,11 @@ class Workspace:
         self.settings = settings
         self.registry = registry
         self.keep_bases = keep_bases
-        self._bases: OrderedDict[VersionRef, BaseModel] = OrderedDict()
+        self._bases: OrderedDict[VersionRef, OpenedBase] = OrderedDict()
         self.progress: ProgressFn | None = None
 
     def _download(self, kind: str, ref: VersionRef) -> Path:
-        dest = self.settings.scratch / kind / ref.name / ref.version
+        dest = self.settings.scratch_dir / kind / ref.name / ref.version
         done = dest / ".complete"
         if done.exists():
             return Path(done.read_text())
@@ -79,7 +82,7 @@ class Workspace:
         """The adapter version's artifacts, downloaded once."""
         return self._download("adapters", ref)
 
-    def base(self, info: ModelVersionInfo) -> BaseModel:
+    def base(self, info: ModelVersionInfo) -> OpenedBase:
         """The base version opened for migration (downloaded and opened once per process).
 
         Raises:
@@ -112,31 +115,9 @@ class Context:
     engine: Engine
     sessions: sessionmaker[Session]
     workspace: Workspace
+    executor: Executor
     stop: StopToken = field(default_factory=StopToken)
     on_progress: Callable[[str], None] | None = None
-
-    @classmethod
-    def create(cls, settings: Settings, registry: Registry | None = None) -> Context:
-        """Wire the settings' registry and job database (engine made once per context)."""
-        if registry is None:
-            from migrator.registry.mlflow_registry import MlflowRegistry
-
-            registry = MlflowRegistry(
-                settings.tracking,
-                settings.registry,
-                artifact_root=settings.artifact_root,
-                retries=settings.registry_retries,
-                backoff_s=settings.registry_backoff_s,
-            )
-        ensure_sqlite_parent(settings.database)
-        engine = make_engine(settings.database)
-        return cls(
-            settings=settings,
-            registry=registry,
-            engine=engine,
-            sessions=make_session_factory(engine),
-            workspace=Workspace(settings, registry),
-        )
 
     def say(self, message: str) -> None:
         log.info(message)

@@ -1,5 +1,7 @@
-"""The job-database side of executing a claimed job: read it, keep its lease alive, record how it
-ended. The work itself is :func:`migrator.pipeline.transfer_job.perform_transfer`.
+"""The job-database side of executing a claimed job: read it with the decisions it was approved
+with, record how it ended. The work itself is
+:func:`migrator.pipeline.transfer_job.perform_transfer`; executors run it and hand its end to
+:func:`settle`.
 
 Order matters for crash safety: the registry is written before the database, the version is
 found again by the job's tags when a job is re-run, and the database is written only while the
@@ -10,101 +12,64 @@ duplicates nothing.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from core.errors import InputError
 from db import (
     AdapterOrigin,
     BackoffPolicy,
+    JobStatus,
     LeaseLostError,
+    TransferJob,
     complete,
     fail,
     find_base_version,
     get_job,
     get_or_create_adapter_version,
-    heartbeat,
     session_scope,
 )
 from db.enums import AdapterFormat
 from db.enums import AdapterLayout as DbLayout
+from migrator.documents import decision_from_row
 from migrator.pipeline.context import Context
-from migrator.pipeline.transfer_job import TransferDone, TransferRequest, perform_transfer
+from migrator.pipeline.executor import JobOutcome, OutcomeStatus
+from migrator.pipeline.transfer_job import ApprovedAssessment, TransferDone, TransferRequest
 from migrator.registry import VersionRef
 
 __all__ = [
-    "JobOutcome",
-    "LeaseKeeper",
-    "execute_job",
+    "approved_assessment",
     "load_request",
     "record_failure",
     "record_success",
+    "settle",
 ]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class JobOutcome:
-    """How one job ended in this process."""
-
-    job_id: int
-    status: str  # succeeded | failed | retrying | lease_lost | released
-    detail: str
-    result_ref: str | None = None
-
-
-class LeaseKeeper:
-    """Renews a job's lease every ``heartbeat_s`` in a background thread until stopped."""
-
-    def __init__(self, ctx: Context, job_id: int) -> None:
-        self.ctx = ctx
-        self.job_id = job_id
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def renew(self) -> None:
-        """Renew now. Raises LeaseLostError when the job is no longer ours."""
-        s = self.ctx.settings
-        with session_scope(self.ctx.sessions) as session:
-            heartbeat(self.job_id, s.worker_id, session=session, lease_seconds=s.lease_s)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.ctx.settings.heartbeat_s):
-            try:
-                self.renew()
-            except LeaseLostError as exc:
-                self.lost = str(exc)
-                return
-            except Exception as exc:  # database briefly away: try again next beat
-                log.warning("heartbeat of job %d failed: %s", self.job_id, exc)
-
-    def check(self) -> None:
-        """Raise LeaseLostError unless the lease is still ours (renewing it)."""
-        if self.lost is None:
-            try:
-                self.renew()
-            except LeaseLostError as exc:
-                self.lost = str(exc)
-        if self.lost is not None:
-            raise LeaseLostError(self.job_id, self.ctx.settings.worker_id, "unknown", None)
+def approved_assessment(job: TransferJob) -> ApprovedAssessment | None:
+    """The stored assessment of a job, with its decisions and figures (None when deleted)."""
+    row = job.assessment
+    if row is None:
+        return None
+    combine = str(row.parameters.get("combine", "mean"))
+    return ApprovedAssessment(
+        assessment_id=row.id,
+        atc=row.atc,
+        atc_left=row.atc_left,
+        atc_right=row.atc_right,
+        parameters=dict(row.parameters),
+        decisions=tuple(decision_from_row(p, combine) for p in row.module_pairs),
+        figures={f.name: bytes(f.content) for f in row.figures},
+    )
 
 
 def load_request(ctx: Context, job_id: int) -> TransferRequest:
-    """What a worker needs of a claimed job."""
+    """What a worker needs of a claimed job, the decisions it was approved with included."""
     with session_scope(ctx.sessions) as session:
         job = get_job(job_id, session=session)
-        approvers = [e.actor for e in job.audit_events if e.to_status.value == "approved"]
+        approvers = [e.actor for e in job.audit_events if e.to_status is JobStatus.APPROVED]
         return TransferRequest(
             job_id=job.id,
             adapter=VersionRef(job.adapter_version.name, job.adapter_version.version),
@@ -112,6 +77,7 @@ def load_request(ctx: Context, job_id: int) -> TransferRequest:
             target=VersionRef(job.target_base.name, job.target_base.version),
             mode=job.mode,
             approved_by=approvers[-1] if approvers else "policy",
+            assessment=approved_assessment(job),
         )
 
 
@@ -142,7 +108,7 @@ def record_success(ctx: Context, request: TransferRequest, done: TransferDone) -
             mlflow_run_id=done.run_id,
             session=session,
         )
-    return JobOutcome(request.job_id, "succeeded", "registered", str(done.version))
+    return JobOutcome(request.job_id, OutcomeStatus.SUCCEEDED, "registered", str(done.version))
 
 
 def record_failure(ctx: Context, request: TransferRequest, exc: BaseException) -> JobOutcome:
@@ -160,8 +126,7 @@ def record_failure(ctx: Context, request: TransferRequest, exc: BaseException) -
             backoff=BackoffPolicy(s.retry_backoff_s, s.retry_backoff_max_s),
             session=session,
         )
-        status = job.status.value
-    retrying = status == "approved"
+        retrying = job.status is JobStatus.APPROVED
     log.log(
         logging.WARNING if retrying else logging.ERROR,
         "job %d (%s -> %s) failed%s: %s",
@@ -171,27 +136,45 @@ def record_failure(ctx: Context, request: TransferRequest, exc: BaseException) -
         "; retrying later" if retrying else "",
         message,
     )
-    return JobOutcome(request.job_id, "retrying" if retrying else "failed", message)
+    status = OutcomeStatus.RETRYING if retrying else OutcomeStatus.FAILED
+    return JobOutcome(request.job_id, status, message)
 
 
-def execute_job(ctx: Context, job_id: int) -> JobOutcome:
-    """Run a job this worker has claimed, in this process, and record how it ended."""
-    request = load_request(ctx, job_id)
-    started = time.perf_counter()
-    with LeaseKeeper(ctx, job_id) as lease:
+def settle(
+    ctx: Context,
+    request: TransferRequest,
+    work: Callable[[], TransferDone],
+    *,
+    started: float,
+    where: str = "",
+) -> JobOutcome:
+    """Run (or collect) a job's work and record how it ended, under the job's lease.
+
+    Args:
+        work: performs the transfer, or waits for a remote one; a LeaseLostError from it means
+            the job moved on to another worker.
+        started: when the work began (``time.perf_counter()``), for the log line.
+        where: appended to the log line (`` on Ray``).
+    """
+    job_id = request.job_id
+    try:
+        done = work()
+    except LeaseLostError as exc:
+        log.warning("job %d: lease lost, leaving it to its new owner (%s)", job_id, exc)
+        return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(exc))
+    except Exception as exc:  # the job fails, the pass goes on
         try:
-            done = perform_transfer(
-                ctx.settings, ctx.registry, ctx.workspace, request, before_publish=lease.check
-            )
-            lease.check()
-            outcome = record_success(ctx, request, done)
-        except LeaseLostError as exc:
-            log.warning("job %d: lease lost, leaving it to its new owner (%s)", job_id, exc)
-            return JobOutcome(job_id, "lease_lost", str(exc))
-        except Exception as exc:  # the job fails, the pass goes on
             return record_failure(ctx, request, exc)
+        except LeaseLostError as lost:
+            return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(lost))
+    try:
+        outcome = record_success(ctx, request, done)
+    except LeaseLostError as exc:
+        log.warning("job %d: lease lost, leaving it to its new owner (%s)", job_id, exc)
+        return JobOutcome(job_id, OutcomeStatus.LEASE_LOST, str(exc))
     ctx.say(
         f"job {job_id}: {request.adapter} -> {done.version} on {request.target} "
-        f"in {time.perf_counter() - started:.1f}s" + (" (found registered)" if done.reused else "")
+        f"in {time.perf_counter() - started:.1f}s{where}"
+        + (" (found registered)" if done.reused else "")
     )
     return outcome

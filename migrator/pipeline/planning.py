@@ -9,27 +9,36 @@ a transferred one, since chained transfers compound error. The policy then decid
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
 from core.errors import InputError
 from db import (
+    Assessment,
+    BaseModelVersion,
     JobStatus,
     ModulePair,
     find_assessment,
     find_base_version,
     job_for_lineage,
+    params_hash,
+    replan_job,
+    stale_pending_jobs,
     store_assessment,
 )
-from migrator.migration import Assessment, assess, assessment_parameters
+from migrator.bases import BaseComparison, assessment_parameters, compare_bases
+from migrator.documents import decision_row
 from migrator.pipeline.context import Context
 from migrator.pipeline.snapshot import AdapterEntry, Snapshot
-from migrator.registry import RegistryError, RegistryUnavailableError, VersionRef
+from migrator.registry import ModelVersionInfo, RegistryError, RegistryUnavailableError, VersionRef
 from migrator.settings import Settings
 
-__all__ = ["PairATC", "Planner", "Proposal", "policy_decision"]
+__all__ = ["PairATC", "Planner", "Prefetch", "Proposal", "policy_decision"]
+
+Prefetch = Callable[[Sequence[ModelVersionInfo]], None]
+"""Factorizes bases into the cache ahead of their assessment (the executor's; may do nothing)."""
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,21 @@ class PairATC:
     counts: tuple[tuple[str, int], ...] = ()
 
 
+def _stored_pair(source: VersionRef, target: VersionRef, stored: Assessment) -> PairATC:
+    counts: dict[str, int] = {}
+    for pair in stored.module_pairs:
+        counts[pair.decision] = counts.get(pair.decision, 0) + 1
+    return PairATC(
+        source,
+        target,
+        stored.atc,
+        stored.atc_left,
+        stored.atc_right,
+        assessment_id=stored.id,
+        counts=tuple(sorted(counts.items())),
+    )
+
+
 @dataclass(frozen=True)
 class Proposal:
     """One job to plan: carry ``adapter`` (of ``lineage``) from its base to ``target``."""
@@ -90,6 +114,7 @@ class Planner:
     Args:
         ctx: the pass's context.
         snapshot: the registry as read at the start of the pass.
+        prefetch: factorizes bases ahead of their assessment (the executor's ``prefetch``).
         dry_run: compute assessments but store nothing.
         known_usable: bases already found usable (their weights were opened in an earlier
             pass), so that a pass need not download every base to know who supersedes whom.
@@ -100,17 +125,19 @@ class Planner:
         ctx: Context,
         snapshot: Snapshot,
         *,
+        prefetch: Prefetch | None = None,
         dry_run: bool = False,
         known_usable: frozenset[VersionRef] = frozenset(),
     ) -> None:
         self.ctx = ctx
         self.known_usable = known_usable
         self.snapshot = snapshot
+        self.prefetch = prefetch
         self.dry_run = dry_run
         self.parameters = assessment_parameters(ctx.settings)
         self._usable: dict[VersionRef, str | None] = {}
         self._pairs: dict[tuple[VersionRef, VersionRef], PairATC] = {}
-        self.assessments: dict[tuple[VersionRef, VersionRef], Assessment] = {}
+        self.assessments: dict[tuple[VersionRef, VersionRef], BaseComparison] = {}
 
     # --- bases --------------------------------------------------------------------------
     def base_problem(self, ref: VersionRef) -> str | None:
@@ -162,56 +189,21 @@ class Planner:
         if src_row is not None and tgt_row is not None:
             stored = find_assessment(src_row.id, tgt_row.id, self.parameters, session=session)
             if stored is not None:
-                counts: dict[str, int] = {}
-                for pair in stored.module_pairs:
-                    counts[pair.decision] = counts.get(pair.decision, 0) + 1
-                return PairATC(
-                    source,
-                    target,
-                    stored.atc,
-                    stored.atc_left,
-                    stored.atc_right,
-                    assessment_id=stored.id,
-                    counts=tuple(sorted(counts.items())),
-                )
+                return _stored_pair(source, target, stored)
         self.ctx.say(f"assessing {source} -> {target}")
-        src = self.ctx.workspace.base(self.snapshot.bases[source])
-        tgt = self.ctx.workspace.base(self.snapshot.bases[target])
         try:
-            from migrator.executor import executor_for  # here: executor imports the pipeline
-
-            bases = (self.snapshot.bases[source], self.snapshot.bases[target])
-            executor_for(self.ctx).prefetch(self.ctx, bases)  # Ray: factorize on the cluster
-            result = assess(src, tgt, self.ctx.settings)
+            if self.prefetch is not None:  # Ray: factorize on the cluster first
+                self.prefetch((self.snapshot.bases[source], self.snapshot.bases[target]))
+            src = self.ctx.workspace.base(self.snapshot.bases[source])
+            tgt = self.ctx.workspace.base(self.snapshot.bases[target])
+            result = compare_bases(src, tgt, self.ctx.settings)
         except InputError as exc:
             return PairATC(source, target, error=f"assessing {source} -> {target}: {exc}")
         self.assessments[(source, target)] = result
-        atc = result.atc
         assessment_id = None
         if not self.dry_run and src_row is not None and tgt_row is not None:
-            row, _ = store_assessment(
-                src_row.id,
-                tgt_row.id,
-                self.parameters,
-                atc_left=atc.atc_left,
-                atc_right=atc.atc_right,
-                atc=atc.atc,
-                module_pairs=[
-                    ModulePair(
-                        source_module=d.source,
-                        target_module=d.target,
-                        phi_left=d.phi_left,
-                        phi_right=d.phi_right,
-                        transport_mass=d.mass,
-                        decision=d.decision.value,
-                        reason=d.reason,
-                    )
-                    for d in result.decisions
-                ],
-                timings={"assess_s": result.seconds},
-                session=session,
-            )
-            assessment_id = row.id
+            assessment_id = self._store(result, src_row, tgt_row, session=session)
+        atc = result.atc
         self.ctx.say(
             f"ATC {source} -> {target}: {atc.atc:.3f} (left {atc.atc_left:.3f}, "
             f"right {atc.atc_right:.3f}) in {result.seconds:.1f}s"
@@ -226,6 +218,60 @@ class Planner:
             computed=True,
             counts=tuple(sorted(result.counts.items())),
         )
+
+    def _store(
+        self,
+        result: BaseComparison,
+        src_row: BaseModelVersion,
+        tgt_row: BaseModelVersion,
+        *,
+        session: Session,
+    ) -> int:
+        """Store the assessment with its decisions and heatmap, rendered once for every run
+        planned from it."""
+        atc = result.atc
+        heatmap = result.heatmap_png(source_label=src_row.ref, target_label=tgt_row.ref)
+        row, _ = store_assessment(
+            src_row.id,
+            tgt_row.id,
+            self.parameters,
+            atc_left=atc.atc_left,
+            atc_right=atc.atc_right,
+            atc=atc.atc,
+            module_pairs=[ModulePair(**decision_row(d)) for d in result.decisions],
+            timings={"assess_s": result.seconds},
+            figures={"similarity.png": heatmap},
+            session=session,
+        )
+        return row.id
+
+    def replan_stale(self, *, session: Session) -> list[tuple[int, str]]:
+        """Jobs waiting for approval whose assessment was made under other parameters (a
+        setting changed since) are planned again under the current ones, each with an audit
+        row; approved jobs keep the decisions they were approved with.
+
+        Returns:
+            (job id, reason) of each job re-planned.
+        """
+        replanned = []
+        for job in stale_pending_jobs(params_hash(self.parameters), session=session):
+            source = VersionRef(job.source_base.name, job.source_base.version)
+            target = VersionRef(job.target_base.name, job.target_base.version)
+            pair = self.pair_atc(source, target, session=session)
+            if pair.atc is None or pair.assessment_id is None:
+                continue  # cannot assess now (bad content, outage): it waits as it is
+            decision, why = policy_decision(pair.atc, self.ctx.settings)
+            reason = f"re-planned: the assessment parameters changed since it was planned; {why}"
+            replan_job(
+                job.id,
+                assessment_id=pair.assessment_id,
+                atc=pair.atc,
+                decision=decision,
+                reason=reason,
+                session=session,
+            )
+            replanned.append((job.id, reason))
+        return replanned
 
     # --- planning -----------------------------------------------------------------------
     def propose(

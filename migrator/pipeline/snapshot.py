@@ -8,7 +8,7 @@ used neither deprecates nor is deprecated by it: bad content affects nothing els
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from db.enums import AdapterFormat
@@ -21,7 +21,19 @@ from migrator.registry import (
     VersionRef,
 )
 
-__all__ = ["AdapterEntry", "Snapshot", "read_registry"]
+__all__ = ["AdapterEntry", "Snapshot", "parse_refs", "read_registry"]
+
+
+def parse_refs(raw: str) -> tuple[list[VersionRef], list[str]]:
+    """The ``name/version`` entries of a comma-separated tag value (``lorax.supersedes``):
+    (references in order, entries that are not ``name/version``)."""
+    refs, bad = [], []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        try:
+            refs.append(VersionRef.parse(part))
+        except ValueError:
+            bad.append(part)
+    return refs, bad
 
 
 @dataclass(frozen=True)
@@ -61,15 +73,8 @@ class Snapshot:
             for other in self.bases
             if other.name == ref.name and int(other.version) < int(ref.version)
         ]
-        named = []
-        raw = self.bases[ref].tags.get(Tag.SUPERSEDES, "")
-        for part in filter(None, (p.strip() for p in raw.split(","))):
-            try:
-                other = VersionRef.parse(part)
-            except ValueError:
-                continue  # reported by read_registry
-            if other != ref and other in self.bases:
-                named.append(other)
+        refs, _ = parse_refs(self.bases[ref].tags.get(Tag.SUPERSEDES, ""))  # bad: reported
+        named = [other for other in refs if other != ref and other in self.bases]
         return sorted(set(earlier)) + [n for n in named if n not in earlier]
 
     def successions(
@@ -137,14 +142,11 @@ def read_registry(registry: Registry) -> Snapshot:
     problems: list[str] = []
     bases = {v.ref: v for v in registry.list_versions(role=ROLE_BASE) if v.version.isdigit()}
     for info in bases.values():
-        for part in filter(None, (p.strip() for p in info.tags.get(Tag.SUPERSEDES, "").split(","))):
-            try:
-                named = VersionRef.parse(part)
-            except ValueError:
-                problems.append(
-                    f"base {info.ref}: {Tag.SUPERSEDES} entry {part!r} is not name/version"
-                )
-                continue
+        refs, bad = parse_refs(info.tags.get(Tag.SUPERSEDES, ""))
+        problems += [
+            f"base {info.ref}: {Tag.SUPERSEDES} entry {p!r} is not name/version" for p in bad
+        ]
+        for named in refs:
             if named not in bases:
                 problems.append(
                     f"base {info.ref}: supersedes {named}, which is not a registered base"
@@ -158,7 +160,3 @@ def read_registry(registry: Registry) -> Snapshot:
         if entry.base is not None and entry.base not in bases:
             problems.append(f"adapter {entry.ref}: its base {entry.base} is not in the registry")
     return Snapshot(bases, adapters, problems)
-
-
-def refs(items: Iterable[VersionRef]) -> str:
-    return ", ".join(str(r) for r in items)

@@ -29,7 +29,7 @@ from db import (
     session_scope,
 )
 from migrator.pipeline.context import Context
-from migrator.pipeline.execution import JobOutcome
+from migrator.pipeline.executor import JobOutcome, OutcomeStatus
 from migrator.pipeline.planning import PairATC, Planner, Proposal
 from migrator.pipeline.snapshot import Snapshot, read_registry
 from migrator.registry import Tag, VersionRef
@@ -65,12 +65,13 @@ class TickReport:
     planned: list[PlannedJob] = field(default_factory=list)
     outcomes: list[JobOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    replanned: list[tuple[int, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def __str__(self) -> str:
-        done: dict[str, int] = {}
+        done: dict[OutcomeStatus, int] = {}
         for outcome in self.outcomes:
             done[outcome.status] = done.get(outcome.status, 0) + 1
         decided: dict[str, int] = {}
@@ -78,7 +79,8 @@ class TickReport:
             decided[job.decision] = decided.get(job.decision, 0) + 1
         return (
             f"{self.bases} bases, {self.adapters} adapters; {len(self.deprecated)} deprecated; "
-            f"{len(self.assessments)} assessed; planned {decided or 0}; jobs {done or 0}; "
+            f"{len(self.assessments)} assessed; planned {decided or 0}; "
+            f"jobs {({str(k): v for k, v in done.items()}) or 0}; "
             f"{len(self.problems)} problems"
         )
 
@@ -86,7 +88,7 @@ class TickReport:
 def _weights_digest(ctx: Context, planner: Planner, ref: VersionRef) -> str:
     base = ctx.workspace.base(planner.snapshot.bases[ref])
     h = hashlib.sha256()
-    for name in base.modules:
+    for name in base.selected:
         h.update(f"{name}={base.source.digest(name)};".encode())
     return "sha256:" + h.hexdigest()
 
@@ -207,9 +209,7 @@ def execute_runnable(ctx: Context, report: TickReport) -> None:
             ]
         if not ids:
             return
-        from migrator.executor import executor_for
-
-        report.outcomes.extend(executor_for(ctx).run(ctx, ids))
+        report.outcomes.extend(ctx.executor.run(ctx, ids))
 
 
 def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> TickReport:
@@ -226,7 +226,13 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
                 select(BaseModelVersion).where(BaseModelVersion.weights_digest.is_not(None))
             )
         )
-    planner = Planner(ctx, snapshot, dry_run=dry_run, known_usable=known)
+    planner = Planner(
+        ctx,
+        snapshot,
+        prefetch=lambda bases: ctx.executor.prefetch(ctx, bases),
+        dry_run=dry_run,
+        known_usable=known,
+    )
     successions = snapshot.successions(planner.usable)
     if dry_run:
         with session_scope(ctx.sessions) as session:
@@ -242,8 +248,12 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
             proposals = planner.propose(successions, session=session)
             applied = [(_apply(ctx, p, session), p) for p in proposals]
             report.planned = [_planned(job_id, p) for job_id, p in applied if job_id is not None]
+        with session_scope(ctx.sessions) as session:
+            report.replanned = planner.replan_stale(session=session)
         for p in report.planned:
             ctx.say(f"planned {p.adapter} -> {p.target_base}: {p.decision} ({p.reason})")
+        for job_id, reason in report.replanned:
+            ctx.say(f"job {job_id} {reason}")
     report.assessments = [_assessment_row(pair) for pair in planner.pairs]
     report.problems.extend(planner.base_problems)
     if execute and not dry_run:

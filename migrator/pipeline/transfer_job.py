@@ -1,6 +1,12 @@
-"""The work of one transfer job that needs no job database: download, transfer, write, log the
-migration run, register the new version. It runs in the daemon (local executor) or on a remote
-worker (Ray), and returns a small, picklable result; the job database is written by the caller.
+"""The work of one transfer job that needs no job database: download, transfer under the
+approved module decisions, write, log the migration run, register the new version. It runs in
+the daemon (local executor) or on a remote worker (Ray), and returns a small, picklable result;
+the job database is written by the caller.
+
+The job carries the assessment it was planned and approved with (:class:`ApprovedAssessment`):
+its ATC, the parameters it was computed under, every module decision and the rendered
+heatmap. The worker applies exactly those decisions; it never re-assesses the bases, so a setting
+changed after an approval cannot publish a module map other than the approved one.
 
 Registration is idempotent: a version carrying this job's ``lorax.job`` tag (with the same
 source and target) is found and returned instead of registering a second one, so a job that is
@@ -11,18 +17,54 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from core.decisions import ModuleDecision
+from core.errors import InputError
 from core.transfer import TransferResult
-from migrator.migration import assess, load_adapter, migrate, module_map, write_migrated
+from migrator.adapters import carry_adapter, load_adapter, single_file_of, write_carried
+from migrator.documents import module_map
 from migrator.pipeline.context import Workspace, crash_point
 from migrator.registry import ModelVersionInfo, Registry, RunInfo, Tag, VersionRef
 from migrator.reports import TransferSummary, version_description
 from migrator.settings import Settings
 
-__all__ = ["TransferDone", "TransferRequest", "find_registered", "perform_transfer"]
+__all__ = [
+    "ApprovedAssessment",
+    "MissingAssessmentError",
+    "TransferDone",
+    "TransferRequest",
+    "find_registered",
+    "perform_transfer",
+]
+
+
+@dataclass(frozen=True)
+class ApprovedAssessment:
+    """The assessment a job was planned and approved with, as the job database stores it.
+
+    Attributes:
+        assessment_id: its row in the job database.
+        atc, atc_left, atc_right: the figures the policy decided on.
+        parameters: what it was computed under (``migrator.bases.assessment_parameters``).
+        decisions: every target module's decision.
+        figures: file name -> bytes of the figures rendered from it (the heatmap).
+    """
+
+    assessment_id: int
+    atc: float
+    atc_left: float
+    atc_right: float
+    parameters: Mapping[str, Any]
+    decisions: tuple[ModuleDecision, ...]
+    figures: Mapping[str, bytes] = field(default_factory=dict)
+
+
+class MissingAssessmentError(InputError):
+    """A job whose stored assessment is gone: there are no approved decisions to apply."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +77,7 @@ class TransferRequest:
     target: VersionRef
     mode: str
     approved_by: str
+    assessment: ApprovedAssessment | None  # None: its stored assessment was deleted
 
 
 @dataclass(frozen=True)
@@ -62,6 +105,11 @@ def find_registered(registry: Registry, request: TransferRequest) -> ModelVersio
     return None
 
 
+def _reused(request: TransferRequest, existing: ModelVersionInfo) -> TransferDone:
+    fmt = existing.tags.get(Tag.FORMAT, "lora")
+    return TransferDone(request.job_id, existing.ref, existing.run_id, fmt, None, None, True)
+
+
 def perform_transfer(
     settings: Settings,
     registry: Registry,
@@ -70,7 +118,8 @@ def perform_transfer(
     *,
     before_publish: Callable[[], None] | None = None,
 ) -> TransferDone:
-    """Carry the job's adapter to its target base and register the result.
+    """Carry the job's adapter to its target base under the approved decisions and register
+    the result.
 
     Args:
         before_publish: called right before anything is written to the registry (the local
@@ -82,94 +131,96 @@ def perform_transfer(
     """
     existing = find_registered(registry, request)
     if existing is not None:
-        return TransferDone(
-            request.job_id,
-            existing.ref,
-            existing.run_id,
-            existing.tags.get(Tag.FORMAT, "lora"),
-            None,
-            None,
-            reused=True,
+        return _reused(request, existing)
+    approved = request.assessment
+    if approved is None:
+        raise MissingAssessmentError(
+            f"job {request.job_id} has no stored assessment, so no approved module decisions: "
+            "reject it and let the next pass plan the transfer again"
         )
-    s = settings
     source = workspace.base(registry.get_version(request.source))
     target = workspace.base(registry.get_version(request.target))
     adapter_info = registry.get_version(request.adapter)
     adapter_path = workspace.adapter_files(request.adapter)
-    loaded = load_adapter(adapter_path, source, s)
-    assessment = assess(source, target, s)  # cached factors: recomputing is cheap and exact
+    loaded = load_adapter(adapter_path, source, settings)
     crash_point("mid_transfer")
-    migrated = migrate(loaded, source, target, assessment, s, mode=request.mode)
-    result = migrated.result
-    out = s.scratch / "jobs" / str(request.job_id)
+    carried = carry_adapter(loaded, source, target, approved.decisions, settings, mode=request.mode)
+    out = settings.scratch_dir / "jobs" / str(request.job_id)
     if out.exists():
         shutil.rmtree(out)
     adapter_dir = out / "adapter"
-    write_migrated(migrated, adapter_dir, like=_single_file(adapter_path))
-    (out / "module_map.json").write_text(json.dumps(module_map(assessment, result), indent=2))
-    atc = assessment.atc
-    assessment.plot(
-        out / "similarity.png", source_label=str(request.source), target_label=str(request.target)
-    )
+    write_carried(carried, adapter_dir, like=single_file_of(adapter_path))
+    artifacts: dict[str, Path] = {"adapter": adapter_dir}
+    rows = module_map(approved.decisions, carried.result)
+    (out / "module_map.json").write_text(json.dumps(rows, indent=2))
+    artifacts["module_map.json"] = out / "module_map.json"
+    for name, content in approved.figures.items():
+        (out / name).write_bytes(content)
+        artifacts[name] = out / name
     if before_publish is not None:
         before_publish()
     run = registry.log_run(
-        experiment=s.experiment_name,
+        experiment=settings.experiment_name,
         run_name=f"{request.adapter} -> {request.target}",
         job_key=str(request.job_id),
-        params={
-            "adapter": str(request.adapter),
-            "source_base": str(request.source),
-            "target_base": str(request.target),
-            "mode": result.mode.value,
-            "rank": str(result.rank),
-            "similarity_rank": str(s.similarity_rank),
-            "module_min_similarity": str(s.module_min_similarity),
-            "input_kind": loaded.input_kind.value,
-            "layout": migrated.layout.value,
-        },
-        metrics={
-            "atc": atc.atc,
-            "atc_left": atc.atc_left,
-            "atc_right": atc.atc_right,
-            "energy_retained": result.energy_retained,
-            "adapter_weighted_similarity": result.adapter_weighted_similarity or 0.0,
-            "modules_transferred": result.modules_transferred,
-            "modules_rematched": result.modules_rematched,
-            "modules_skipped": result.modules_skipped,
-            "assess_seconds": assessment.seconds,
-        },
+        params=_params(
+            request, approved, carried.result, loaded.input_kind.value, carried.layout.value
+        ),
+        metrics=_metrics(approved, carried.result),
         tags={Tag.TRANSFERRED_FROM: str(request.adapter), Tag.BASE: str(request.target)},
-        artifacts={
-            "adapter": adapter_dir,
-            "module_map.json": out / "module_map.json",
-            "similarity.png": out / "similarity.png",
-        },
+        artifacts=artifacts,
     )
     crash_point("after_run")
-    version = _register(registry, request, run, atc.atc, result, adapter_info)
+    version = _register(registry, request, approved, run, carried.result, adapter_info)
     crash_point("after_register")
+    fmt = version.tags.get(Tag.FORMAT, "lora")
+    rank = carried.adapter.rank
     return TransferDone(
-        request.job_id,
-        version.ref,
-        run.run_id,
-        version.tags.get(Tag.FORMAT, "lora"),
-        migrated.layout.value,
-        migrated.adapter.rank,
-        reused=False,
+        request.job_id, version.ref, run.run_id, fmt, carried.layout.value, rank, False
     )
 
 
-def _single_file(path: Path) -> Path | None:
-    files = list(path.glob("*.safetensors")) if path.is_dir() else [path]
-    return files[0] if len(files) == 1 and not (path / "adapter_config.json").exists() else None
+def _params(
+    request: TransferRequest,
+    approved: ApprovedAssessment,
+    result: TransferResult,
+    input_kind: str,
+    layout: str,
+) -> dict[str, str]:
+    parameters = approved.parameters
+    return {
+        "adapter": str(request.adapter),
+        "source_base": str(request.source),
+        "target_base": str(request.target),
+        "mode": result.mode.value,
+        "rank": str(result.rank),
+        "similarity_rank": str(parameters.get("similarity_rank")),
+        "module_min_similarity": str(parameters.get("module_min_similarity")),
+        "assessment_id": str(approved.assessment_id),
+        "input_kind": input_kind,
+        "layout": layout,
+    }
+
+
+def _metrics(approved: ApprovedAssessment, result: TransferResult) -> dict[str, float]:
+    return {
+        "atc": approved.atc,
+        "atc_left": approved.atc_left,
+        "atc_right": approved.atc_right,
+        "energy_retained": result.energy_retained,
+        "dropped_energy_share": result.dropped_energy_share,
+        "adapter_weighted_similarity": result.adapter_weighted_similarity or 0.0,
+        "modules_transferred": result.modules_transferred,
+        "modules_rematched": result.modules_rematched,
+        "modules_skipped": result.modules_skipped,
+    }
 
 
 def _register(
     registry: Registry,
     request: TransferRequest,
+    approved: ApprovedAssessment,
     run: RunInfo,
-    atc: float,
     result: TransferResult,
     adapter_info: ModelVersionInfo,
 ) -> ModelVersionInfo:
@@ -183,7 +234,7 @@ def _register(
         Tag.FORMAT: fmt,
         Tag.TRANSFERRED_FROM: str(request.adapter),
         Tag.JOB: str(request.job_id),
-        Tag.ATC: f"{atc:.4f}",
+        Tag.ATC: f"{approved.atc:.4f}",
         Tag.APPROVED_BY: request.approved_by,
         Tag.MODE: result.mode.value,
         Tag.ENERGY: f"{result.energy_retained:.4f}",
@@ -198,9 +249,9 @@ def _register(
         new_base_link=registry.version_link(request.target),
         run_link=registry.run_link(run),
         job_id=request.job_id,
-        atc=atc,
-        atc_left=result.atc.atc_left if result.atc else atc,
-        atc_right=result.atc.atc_right if result.atc else atc,
+        atc=approved.atc,
+        atc_left=approved.atc_left,
+        atc_right=approved.atc_right,
         mode=result.mode.value,
         energy_retained=result.energy_retained,
         modules_transferred=result.modules_transferred,

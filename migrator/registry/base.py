@@ -169,6 +169,11 @@ class Registry(Protocol):
         """A link to the version page, relative to the UI (``#/models/NAME/versions/N``)."""
         ...
 
+    def address(self) -> tuple[str, str] | None:
+        """(tracking URI, registry URI) another process reaches this registry at; None for a
+        registry that lives in this process only (remote workers cannot use it)."""
+        ...
+
     def run_link(self, run: RunInfo) -> str:
         """A link to the run page, relative to the UI."""
         ...

@@ -148,6 +148,10 @@ class MemoryRegistry:
         self.versions[info.ref] = info
         return info
 
+    def address(self) -> None:
+        """None: this registry lives in this process only."""
+        return None
+
     def version_link(self, ref: VersionRef) -> str:
         return f"#/models/{ref.name}/versions/{ref.version}"
 

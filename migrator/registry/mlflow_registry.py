@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 from mlflow import MlflowClient
@@ -30,6 +30,9 @@ from migrator.registry.base import (
     VersionRef,
 )
 from migrator.registry.retry import retry_call
+
+if TYPE_CHECKING:
+    from migrator.settings import Settings
 
 __all__ = ["MlflowRegistry", "is_transient"]
 
@@ -140,6 +143,24 @@ class MlflowRegistry:
         self.backoff_s = backoff_s
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=self.registry_uri)
         self._experiment_ids: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MlflowRegistry:
+        """The registry the settings name (URIs, artifact root, retry policy)."""
+        return cls(
+            settings.tracking_uri,
+            settings.registry_uri,
+            artifact_root=settings.artifact_root,
+            retries=settings.registry_retries,
+            backoff_s=settings.registry_backoff_s,
+        )
+
+    def address(self) -> tuple[str, str]:
+        """(tracking URI, registry URI): another process opens the same registry with them."""
+        return (self.tracking_uri, self.registry_uri)
+
+    def __repr__(self) -> str:
+        return f"MlflowRegistry({self.tracking_uri!r}, {self.registry_uri!r})"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -291,24 +312,25 @@ class MlflowRegistry:
             ),
         )
         for artifact_path, local in artifacts.items():
-            if local.is_dir():
-                self._call(
-                    f"log artifacts {artifact_path} of run {run_id}",
-                    partial(self.client.log_artifacts, run_id, str(local), artifact_path),
-                )
-            else:
-                parent = str(Path(artifact_path).parent)
-                self._call(
-                    f"log artifact {artifact_path} of run {run_id}",
-                    partial(
-                        self.client.log_artifact,
-                        run_id,
-                        str(local),
-                        None if parent == "." else parent,
-                    ),
-                )
+            self._log_artifact(run_id, artifact_path, local)
         self._call(f"finish run {run_id}", lambda: self.client.set_terminated(run_id, "FINISHED"))
         return RunInfo(run_id, exp_id)
+
+    def _log_artifact(self, run_id: str, artifact_path: str, local: Path) -> None:
+        """A local file or folder as the run's artifact at ``artifact_path``."""
+        if local.is_dir():
+            self._call(
+                f"log artifacts {artifact_path} of run {run_id}",
+                partial(self.client.log_artifacts, run_id, str(local), artifact_path),
+            )
+            return
+        parent = str(Path(artifact_path).parent)
+        self._call(
+            f"log artifact {artifact_path} of run {run_id}",
+            partial(
+                self.client.log_artifact, run_id, str(local), None if parent == "." else parent
+            ),
+        )
 
     def create_version(
         self,

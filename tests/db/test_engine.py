@@ -56,7 +56,8 @@ def test_migrations_do_not_depend_on_the_working_directory(
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     migrations.upgrade(url)
-    assert migrations.current(url) == migrations.head() == "0001"
+    assert migrations.current(url) is not None
+    assert migrations.current(url) == migrations.head()
     assert migrations.ALEMBIC_DIR == REPOSITORY / "alembic"
 
 

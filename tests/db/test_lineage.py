@@ -12,7 +12,6 @@ from db import (
     ancestors,
     descendants,
     get_or_create_base_version,
-    latest_per_lineage,
     record_lineage,
     session_scope,
 )
@@ -71,25 +70,6 @@ def test_ancestors_and_descendants(factory: sessionmaker[Session], tree: Tree) -
         assert _names(descendants(ids["v2"], session=session), tree) == [("v3", 1)]
         assert _names(descendants(ids["v3"], session=session), tree) == []
         assert _names(descendants(ids["s1"], session=session), tree) == [("s2", 1)]
-
-
-def test_latest_per_lineage_on_a_base(factory: sessionmaker[Session], tree: Tree) -> None:
-    ids = tree.ids
-    with session_scope(factory) as session:
-        on_base3 = [
-            (e.root.id, e.latest.id) for e in latest_per_lineage(tree.base3, session=session)
-        ]
-        # style has v3 and v2b on base3: v2b was recorded later; solo is its own lineage;
-        # sketch has nothing on base3.
-        assert on_base3 == [(ids["v1"], ids["v2b"]), (ids["o1"], ids["o1"])]
-        on_base2 = [
-            (e.root.id, e.latest.id) for e in latest_per_lineage(tree.base2, session=session)
-        ]
-        assert on_base2 == [(ids["v1"], ids["v2"]), (ids["s1"], ids["s2"])]
-        on_base1 = [
-            (e.root.id, e.latest.id) for e in latest_per_lineage(tree.base1, session=session)
-        ]
-        assert on_base1 == [(ids["v1"], ids["v1"]), (ids["s1"], ids["s1"])]
 
 
 def test_lineage_is_recorded_once_and_never_cycles(

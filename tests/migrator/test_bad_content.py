@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from db import JobStatus, list_jobs, migrations, session_scope
+from migrator.database import ensure_sqlite_parent
 from migrator.pipeline import Context, run_once
-from migrator.pipeline.context import ensure_sqlite_parent
 from migrator.registry import Tag
 from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import load_settings
+from migrator.wiring import build_context
 from tests.fixtures.mlflow import MlflowStore
 from tests.migrator.scenario import Story, lorax_adapter, register, write
 
@@ -21,10 +22,10 @@ from tests.migrator.scenario import Story, lorax_adapter, register, write
 @pytest.fixture
 def ctx(tmp_path: Path, mlflow_store: MlflowStore) -> Context:
     settings = load_settings(data_dir=tmp_path / "data", similarity_rank=8)
-    ensure_sqlite_parent(settings.database)
-    migrations.upgrade(settings.database)
+    ensure_sqlite_parent(settings.database_url.get_secret_value())
+    migrations.upgrade(settings.database_url.get_secret_value())
     registry = MlflowRegistry(mlflow_store.uri, artifact_root=mlflow_store.artifact_root, retries=0)
-    return Context.create(settings, registry)
+    return build_context(settings, registry)
 
 
 def _jobs(ctx: Context) -> dict[str, tuple[JobStatus, str | None, str | None]]:

@@ -9,14 +9,15 @@ import torch
 
 from core.formats import read_adapter
 from db import JobStatus, list_jobs, migrations, session_scope
+from migrator.database import ensure_sqlite_parent
 from migrator.pipeline import Context, run_once
-from migrator.pipeline.context import ensure_sqlite_parent
 from migrator.registry import Registry, Tag, VersionRef
 from migrator.registry.memory import MemoryRegistry
 from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import Settings, load_settings
+from migrator.wiring import build_context
 from tests.fixtures.mlflow import MlflowStore
-from tests.migrator.scenario import Story
+from tests.migrator.scenario import Story, register, successor, write_weights
 
 
 @pytest.fixture(params=["memory", "mlflow"])
@@ -39,9 +40,9 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def ctx(settings: Settings, registry: Registry) -> Context:
-    ensure_sqlite_parent(settings.database)
-    migrations.upgrade(settings.database)
-    return Context.create(settings, registry)
+    ensure_sqlite_parent(settings.database_url.get_secret_value())
+    migrations.upgrade(settings.database_url.get_secret_value())
+    return build_context(settings, registry)
 
 
 def _jobs(ctx: Context) -> dict[tuple[str, str], object]:
@@ -161,3 +162,63 @@ def test_dry_run_writes_nothing(ctx: Context, registry: Registry, tmp_path: Path
     assert all(p.job_id is None for p in report.planned)
     assert _jobs(ctx) == {}
     assert Tag.DEPRECATED not in registry.get_version(story.refs["v1"]).tags
+
+
+def test_the_worker_publishes_the_decisions_the_admin_approved(tmp_path: Path) -> None:
+    """A setting that changes the module decisions between approval and run: the approved job
+    publishes the approved module map; a job still waiting is re-planned, with an audit row."""
+    import json
+
+    from db import approve, audit_trail, get_job
+    from migrator.bases import compare_bases
+    from migrator.documents import decision_from_row
+
+    registry = MemoryRegistry(tmp_path / "registry")
+    planned_with = load_settings(
+        data_dir=tmp_path / "data", tracking_uri="sqlite:///unused.db", similarity_rank=8
+    )
+    planned_with.auto_approve_atc = 0.0  # every transfer needs a person
+    ensure_sqlite_parent(planned_with.database_url.get_secret_value())
+    migrations.upgrade(planned_with.database_url.get_secret_value())
+    story = Story(tmp_path / "story", registry)
+    story.register_v1_with_adapters()
+    far = write_weights(tmp_path / "v2", successor(story.v1, eps=0.5))  # module Phi 0.93-0.95
+    story.refs["v2"] = register(registry, "enc", far, {Tag.ROLE: "base"})
+    run_once(build_context(planned_with, registry))
+    ctx = build_context(planned_with.model_copy(update={"module_min_similarity": 0.99}), registry)
+    with session_scope(ctx.sessions) as session:
+        pending = list_jobs(session=session, statuses=[JobStatus.PENDING_APPROVAL])
+        chosen = next(j for j in pending if j.adapter_version.name == "enc-styleA")
+        others = [j.id for j in pending if j.id != chosen.id]
+        approve(chosen.id, "alice", "checked the module map", session=session)
+        approved = [
+            {"target": p.target_module, "source": p.source_module, "decision": p.decision}
+            for p in chosen.assessment.module_pairs
+        ]
+        combine = chosen.assessment.parameters["combine"]
+        approved_decisions = [decision_from_row(p, combine) for p in chosen.assessment.module_pairs]
+    # The new setting would decide otherwise: the test is not trivially equal.
+    src = ctx.workspace.base(registry.get_version(story.refs["v1"]))
+    tgt = ctx.workspace.base(registry.get_version(story.refs["v2"]))
+    now = compare_bases(src, tgt, ctx.settings).decisions
+    assert [d.decision for d in now] != [d.decision for d in approved_decisions]
+
+    report = run_once(ctx)
+    done = [o for o in report.outcomes if o.job_id == chosen.id]
+    assert [o.status for o in done] == ["succeeded"]
+    run = next(r for r in registry.runs.values() if r["job"] == str(chosen.id))
+    published = json.loads((Path(str(run["dir"])) / "module_map.json").read_text())
+    assert [{k: r[k] for k in ("target", "source", "decision")} for r in published] == approved
+    assert (Path(str(run["dir"])) / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+    assert run["params"]["module_min_similarity"] == "0.5"  # the approved assessment's
+
+    assert sorted(job_id for job_id, _ in report.replanned) == sorted(others)
+    with session_scope(ctx.sessions) as session:
+        for job_id in others:
+            job = get_job(job_id, session=session)
+            assert job.status is JobStatus.PENDING_APPROVAL
+            assert job.assessment.parameters["module_min_similarity"] == 0.99
+            last = audit_trail(job_id, session=session)[-1]
+            assert last.actor == "policy" and "re-planned" in (last.reason or "")
+    again = run_once(ctx)
+    assert again.replanned == []  # planned under the current parameters now

@@ -29,10 +29,12 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_embedded_defaults_need_nothing(tmp_path: Path) -> None:
     s = load_settings(data_dir=tmp_path)
-    assert s.tracking == f"sqlite:///{tmp_path}/mlflow.db"
-    assert s.registry == s.tracking
-    assert s.database == f"sqlite:///{tmp_path}/migrator.db"
-    assert s.database != s.tracking  # MLflow and the job database never share a file
+    assert s.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert s.registry_uri == s.tracking_uri
+    assert s.database_url.get_secret_value() == f"sqlite:///{tmp_path}/migrator.db"
+    assert (
+        s.database_url.get_secret_value() != s.tracking_uri
+    )  # MLflow and the job database never share a file
     assert s.device is Device.AUTO
     assert s.auto_approve_atc <= s.max_atc
 
@@ -53,9 +55,9 @@ def test_fixed_environment_names_are_read(monkeypatch: pytest.MonkeyPatch, tmp_p
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     s = load_settings()
-    assert s.tracking == "http://127.0.0.1:5000"
-    assert s.registry == "http://127.0.0.1:5001"
-    assert s.database == "postgresql+psycopg://u@127.0.0.1:5433/jobs"
+    assert s.tracking_uri == "http://127.0.0.1:5000"
+    assert s.registry_uri == "http://127.0.0.1:5001"
+    assert s.database_url.get_secret_value() == "postgresql+psycopg://u@127.0.0.1:5433/jobs"
     assert s.poll_interval_s == 7.5
     assert s.similarity_rank == 16
     assert s.module_min_similarity == 0.4
@@ -66,9 +68,9 @@ def test_fixed_environment_names_are_read(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 def test_mlflow_tracking_uri_is_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert load_settings().tracking == "http://127.0.0.1:5999"
+    assert load_settings().tracking_uri == "http://127.0.0.1:5999"
     monkeypatch.setenv("MIGRATOR_TRACKING_URI", "http://127.0.0.1:6000")
-    assert load_settings().tracking == "http://127.0.0.1:6000"
+    assert load_settings().tracking_uri == "http://127.0.0.1:6000"
 
 
 def test_toml_file_then_env_then_kwargs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

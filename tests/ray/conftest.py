@@ -36,7 +36,7 @@ def ray_runtime() -> Iterator[Any]:
     """Ray started once for the session with 2 CPUs; shut down (with the executors) at the end."""
     import ray
 
-    from migrator.ray_executor import RayExecutor
+    from migrator.executors.ray_executor import RayExecutor
 
     ray.init(num_cpus=2, include_dashboard=False, namespace="lorax-migrator-tests")
     try:

@@ -12,18 +12,15 @@ import torch
 from core.errors import NonFiniteError
 from core.factor_cache import FactorCache
 from core.factorize import FactorStore, factorize
-from migrator.migration import BaseModel, open_base
-from migrator.pipeline import Context
-from migrator.ray_executor import (
-    RayExecutor,
-    factor_groups,
-    factorize_on_ray,
-    factorize_options,
-    worker_settings,
-)
-from migrator.ray_tasks import FactorGroup, LeaseGate
+from migrator.bases import OpenedBase, open_base
+from migrator.executors.factor_plan import FactorGroup, factor_groups
+from migrator.executors.ray_executor import RayExecutor
+from migrator.executors.ray_runtime import factorize_on_ray, factorize_options
+from migrator.executors.ray_tasks import LeaseGate
+from migrator.executors.shipping import worker_settings
 from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import Device, Settings, load_settings
+from migrator.wiring import build_context
 from tests.migrator.scenario import base_weights, write_weights
 from tests.ray.conftest import make_fleet
 
@@ -36,7 +33,7 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     )
 
 
-def _base(tmp_path: Path, **overrides: Any) -> BaseModel:
+def _base(tmp_path: Path, **overrides: Any) -> OpenedBase:
     folder = write_weights(tmp_path / "base", base_weights(0, layers=3))
     return open_base(folder, _settings(tmp_path, module_patterns=ENCODER, **overrides))
 
@@ -51,26 +48,26 @@ def test_groups_cover_every_module_once_by_shape_largest_first(
     base = _base(tmp_path)
     groups = factor_groups(base, parallelism=parallelism)
     names = [name for g in groups for name in g.names]
-    assert sorted(names) == sorted(base.modules) and len(set(names)) == len(names)
-    assert {base.store.shape(n) for n in base.modules} == {(64, 64), (256, 64)}
+    assert sorted(names) == sorted(base.selected) and len(set(names)) == len(names)
+    assert {base.store.shape(n) for n in base.selected} == {(64, 64), (256, 64)}
     for group in groups:
         assert {base.store.shape(n) for n in group.names} == {group.shape}
         assert group.path == str(base.source.path) and group.label == base.label
     assert [g.cost for g in groups] == sorted((g.cost for g in groups), reverse=True)
     # More workers, more (smaller) tasks; one worker still gets two tasks per shape at most.
-    assert len(groups) >= min(len(base.modules), parallelism)
+    assert len(groups) >= min(len(base.selected), parallelism)
 
 
 def test_groups_respect_the_byte_budget_and_skip_cached_modules(tmp_path: Path) -> None:
     base = _base(tmp_path)
     one_each = factor_groups(base, parallelism=1, max_bytes=4 * 64 * 64)
-    assert all(len(g.names) == 1 for g in one_each) and len(one_each) == len(base.modules)
+    assert all(len(g.names) == 1 for g in one_each) and len(one_each) == len(base.selected)
 
-    done = [n for n in base.modules if base.store.shape(n) == (256, 64)]
+    done = [n for n in base.selected if base.store.shape(n) == (256, 64)]
     FactorStore(base.source, done, cache=base.store.cache).prefetch()
     rest = [n for g in factor_groups(base, parallelism=2) for n in g.names]
     assert rest and not set(rest) & set(done)
-    assert sorted(rest + done) == sorted(base.modules)
+    assert sorted(rest + done) == sorted(base.selected)
 
 
 def test_factorization_asks_a_gpu_per_task_only_where_the_device_is_cuda(tmp_path: Path) -> None:
@@ -90,10 +87,13 @@ def test_workers_get_absolute_paths_and_no_database_or_webhook_secret(
         data_dir=Path("rel"), tracking_uri="sqlite:///rel/mlflow.db", webhook_secret="s3cret"
     )
     shipped = worker_settings(settings, device=settings.device)
-    assert shipped.database_url is None and shipped.webhook_secret is None
-    assert shipped.factor_cache_dir == (tmp_path / "rel" / "factor-cache")
-    assert shipped.tracking == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
-    assert settings.database.startswith("sqlite:///") and settings.webhook_secret is not None
+    assert shipped.database_url.get_secret_value() == "" and shipped.webhook_secret is None
+    assert shipped.cache_dir == (tmp_path / "rel" / "factor-cache")
+    assert shipped.tracking_uri == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
+    assert (
+        settings.database_url.get_secret_value().startswith("sqlite:///")
+        and settings.webhook_secret is not None
+    )
 
 
 def test_the_lease_gate_opens_for_a_while_and_closes() -> None:
@@ -125,7 +125,7 @@ def test_prefetch_factorizes_each_base_once_on_ray_into_the_shared_cache(
         executor="ray",
         module_patterns=ENCODER,
     )
-    ctx = Context.create(settings, registry)
+    ctx = build_context(settings, registry)
     infos = [registry.get_version(refs["v1"]), registry.get_version(refs["v2"])]
     bases = [ctx.workspace.base(info) for info in infos]
     executor = RayExecutor.shared(settings)
@@ -136,10 +136,10 @@ def test_prefetch_factorizes_each_base_once_on_ray_into_the_shared_cache(
 
     executor.prefetch(ctx, infos)
 
-    cache = FactorCache(settings.factor_cache_dir)
+    cache = FactorCache(settings.cache_dir)
     for base in bases:
         assert factor_groups(base, parallelism=2) == []  # every module is in the cache
-        fresh = FactorStore(base.source, base.modules, cache=cache)
+        fresh = FactorStore(base.source, base.selected, cache=cache)
         for name, factors in fresh.iter_factors():
             matrix = base.source.matrix(name)
             want = factorize(matrix)  # here, with this process's threads: float32 rounding
@@ -160,7 +160,7 @@ def test_factorization_tasks_report_small_results_and_bad_weights_fail_clearly(
     groups = factor_groups(base, parallelism=2)
     reports = factorize_on_ray(settings, groups)
     assert [(r.shape, r.modules) for r in reports] == [(g.shape, len(g.names)) for g in groups]
-    assert sum(r.computed for r in reports) == len(base.modules)
+    assert sum(r.computed for r in reports) == len(base.selected)
     assert {r.device for r in reports} == {"cpu"} and {r.threads for r in reports} == {1}
 
     weights = base_weights(1)

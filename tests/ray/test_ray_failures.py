@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 
 from db import JobStatus, claim, get_job, list_jobs, migrations, session_scope
+from migrator.database import ensure_sqlite_parent
+from migrator.executors.ray_executor import RayExecutor
 from migrator.pipeline import Context, run_once
-from migrator.pipeline.context import CRASH_ENV, ensure_sqlite_parent
-from migrator.ray_executor import RayExecutor
+from migrator.pipeline.context import CRASH_ENV
 from migrator.registry import Tag
 from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import load_settings
+from migrator.wiring import build_context
 from tests.ray.conftest import Fleet, make_fleet
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -38,11 +40,11 @@ def ctx(ray_runtime: Any, new_store: Any, fleet: Fleet, tmp_path: Path) -> Itera
         heartbeat_s=1,
         retry_backoff_s=0,
     )
-    ensure_sqlite_parent(settings.database)
-    migrations.upgrade(settings.database)
+    ensure_sqlite_parent(settings.database_url.get_secret_value())
+    migrations.upgrade(settings.database_url.get_secret_value())
     registry = MlflowRegistry(store.uri, artifact_root=store.artifact_root, retries=2)
     fleet.register(registry)
-    yield Context.create(settings, registry)
+    yield build_context(settings, registry)
 
 
 def _versions_per_job(ctx: Context) -> dict[str, list[str]]:

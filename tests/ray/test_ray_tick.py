@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from core.formats import read_adapter
 from db import JobStatus, list_jobs, session_scope
 from migrator.cli import app
-from migrator.pipeline import Context
 from migrator.registry import Tag, VersionRef
 from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import load_settings
+from migrator.wiring import build_context
 from tests.fixtures.mlflow import MlflowStore
 from tests.ray.conftest import Fleet, make_fleet
 
@@ -50,7 +50,7 @@ def _registered(store: MlflowStore, data: Path, fleet: Fleet, tmp: Path) -> dict
     """Per lineage: the job (status, attempts) and the transferred version's tensors and tags."""
     registry = MlflowRegistry(store.uri, artifact_root=store.artifact_root, retries=0)
     settings = load_settings(data_dir=data, tracking_uri=store.uri)
-    ctx = Context.create(settings, registry)
+    ctx = build_context(settings, registry)
     with session_scope(ctx.sessions) as session:
         jobs = {
             job.adapter_version.name: (job.id, job.status, job.attempts, job.result_ref)

@@ -1,8 +1,8 @@
 """What runs on the Ray workers (``MIGRATOR_EXECUTOR=ray``): the transfer and factorization
-tasks, and the lease gate actor. The daemon's side is :mod:`migrator.ray_executor`.
+tasks, and the lease gate actor. The daemon's side is :mod:`migrator.executors.ray_executor`.
 
-A task gets only the settings (from :func:`migrator.ray_executor.worker_settings`: no database
-URL) and a small request; it builds its registry client and workspace on the worker, once per
+A task gets only the settings (from :func:`migrator.executors.shipping.worker_settings`: no
+database URL) and a small request; it builds its registry client and workspace on the worker, once per
 worker process, and returns a small result: :class:`~migrator.pipeline.transfer_job.TransferDone`
 or :class:`GroupReport`, never tensors. Factors travel through the factorization cache, which
 every worker reaches (a shared volume; :envvar:`MIGRATOR_WORKER_CACHE_DIR` where it is mounted
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import math
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -24,15 +23,16 @@ from core.errors import InputError
 from core.factor_cache import FactorCache
 from core.factorize import FactorStore
 from core.weights import WeightSource
+from migrator.executors.factor_plan import FactorGroup
+from migrator.executors.shipping import node_settings
 from migrator.pipeline.context import Workspace
 from migrator.pipeline.transfer_job import TransferDone, TransferRequest, perform_transfer
-from migrator.registry import ModelVersionInfo, Registry, VersionRef
+from migrator.registry import Registry, VersionRef
+from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import Settings
 
 __all__ = [
-    "WORKER_CACHE_ENV",
-    "WORKER_SCRATCH_ENV",
-    "FactorGroup",
+    "GATE_TIMEOUT_S",
     "GroupReport",
     "LeaseGate",
     "NodeWorkspace",
@@ -41,10 +41,6 @@ __all__ = [
     "transfer_task",
 ]
 
-#: On a worker, where the shared factorization cache is mounted when not at the daemon's path.
-WORKER_CACHE_ENV = "MIGRATOR_WORKER_CACHE_DIR"
-#: On a worker, its local scratch folder when not at the daemon's path.
-WORKER_SCRATCH_ENV = "MIGRATOR_WORKER_SCRATCH_DIR"
 GATE_TIMEOUT_S = 60.0
 
 
@@ -57,7 +53,7 @@ class NodeWorkspace(Workspace):
     node share one copy in its scratch folder instead of racing to write it."""
 
     def _download(self, kind: str, ref: VersionRef) -> Path:
-        lock = self.settings.scratch / kind / ref.name / f".{ref.version}.lock"
+        lock = self.settings.scratch_dir / kind / ref.name / f".{ref.version}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         with lock.open("a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -70,31 +66,11 @@ class NodeWorkspace(Workspace):
 _WORKER_STATE: dict[str, tuple[Registry, NodeWorkspace]] = {}
 
 
-def _local_settings(settings: Settings) -> Settings:
-    """The shipped settings with this worker's own mount points, where it sets them."""
-    updates: dict[str, Path] = {}
-    cache = os.environ.get(WORKER_CACHE_ENV) or settings.worker_cache_dir
-    scratch = os.environ.get(WORKER_SCRATCH_ENV) or settings.worker_scratch_dir
-    if cache:
-        updates["cache_dir"] = Path(cache)
-    if scratch:
-        updates["scratch_dir"] = Path(scratch)
-    return settings.model_copy(update=updates) if updates else settings
-
-
 def _workspace(settings: Settings) -> tuple[Registry, NodeWorkspace]:
     """This worker process's registry client and workspace for ``settings`` (made once)."""
     key = settings.model_dump_json()
     if key not in _WORKER_STATE:
-        from migrator.registry.mlflow_registry import MlflowRegistry
-
-        registry = MlflowRegistry(
-            settings.tracking,
-            settings.registry,
-            artifact_root=settings.artifact_root,
-            retries=settings.registry_retries,
-            backoff_s=settings.registry_backoff_s,
-        )
+        registry = MlflowRegistry.from_settings(settings)
         _WORKER_STATE.clear()  # one configuration at a time: opened bases hold memory
         _WORKER_STATE[key] = (registry, NodeWorkspace(settings, registry, keep_bases=2))
     return _WORKER_STATE[key]
@@ -104,7 +80,7 @@ def transfer_task(settings: Settings, request: TransferRequest, gate: Any) -> Tr
     """Ray task: perform one transfer job on this worker and report the registered version.
 
     Args:
-        settings: from :func:`worker_settings` (no database URL).
+        settings: from :func:`migrator.executors.shipping.worker_settings` (no database URL).
         request: the claimed job.
         gate: the daemon's :class:`LeaseGate` actor, asked right before publishing.
 
@@ -112,7 +88,7 @@ def transfer_task(settings: Settings, request: TransferRequest, gate: Any) -> Tr
         InputError: bad content (the job fails for good).
         PublishRefusedError, RegistryError, OSError, ...: the job fails and is retried later.
     """
-    settings = _local_settings(settings)
+    settings = node_settings(settings)
     registry, workspace = _workspace(settings)
 
     def before_publish() -> None:
@@ -130,32 +106,6 @@ def transfer_task(settings: Settings, request: TransferRequest, gate: Any) -> Tr
             )
 
     return perform_transfer(settings, registry, workspace, request, before_publish=before_publish)
-
-
-@dataclass(frozen=True)
-class FactorGroup:
-    """One factorization task's share of a base: modules of one shape, factorized in batches.
-
-    Attributes:
-        label: the base, as messages name it.
-        path: the base's weights as the daemon opened them; used where the worker sees it too
-            (the same machine, or a shared volume), else the base is downloaded on the worker.
-        version: the base's registry version, for that download (None: the path must do).
-        shape: (m, n) of every module of the group.
-        names: the modules.
-    """
-
-    label: str
-    path: str
-    version: ModelVersionInfo | None
-    shape: tuple[int, int]
-    names: tuple[str, ...]
-
-    @property
-    def cost(self) -> float:
-        """Relative SVD cost: sum of m n min(m, n) (the flop count up to a constant)."""
-        m, n = self.shape
-        return float(len(self.names)) * m * n * min(m, n)
 
 
 @dataclass(frozen=True)
@@ -207,7 +157,7 @@ def factorize_task(settings: Settings, group: FactorGroup) -> GroupReport:
     import ray
     import torch
 
-    settings = _local_settings(settings)
+    settings = node_settings(settings)
     started = time.perf_counter()
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     threads = max(1, int(cpus))
@@ -215,7 +165,7 @@ def factorize_task(settings: Settings, group: FactorGroup) -> GroupReport:
     store = FactorStore(
         _group_source(settings, group),
         group.names,
-        cache=FactorCache(settings.factor_cache_dir),
+        cache=FactorCache(settings.cache_dir),
         device=settings.device.value,
     )
     store.prefetch()
