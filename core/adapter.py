@@ -7,6 +7,11 @@ sees this form.
 Conventions (PyTorch ``nn.Linear``): a module's weight W has shape (m, n) = (out, in); the
 adapter's update is dW = scale * up @ down with up = B (m, r) and down = A (r, n). For a LoRA-X
 in expanded form up = U_r, down = dS V_r^T and scale = 1 (DESIGN.md, "LoRA-X adapter").
+
+A DoRA module (PEFT ``use_dora``, LyCORIS ``dora_scale``) also holds a magnitude vector m: the
+adapted weight is W' = m * (W + dW) / ||W + dW||, the norm taken per output row
+(:attr:`MagnitudeAxis.OUT`, PEFT) or per input channel (:attr:`MagnitudeAxis.IN`, LyCORIS
+without ``wd_on_out``); :mod:`core.dora` holds the formulas.
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ from enum import StrEnum
 
 import torch
 
-__all__ = ["AdapterKind", "AdapterLayout", "LoraAdapter", "LoraModule"]
+from core.checkpoints.architecture import Architecture, architecture_of_adapter
+
+__all__ = [
+    "AdapterKind",
+    "AdapterLayout",
+    "LoraAdapter",
+    "LoraModule",
+    "MagnitudeAxis",
+    "ModuleConversion",
+]
 
 
 class AdapterKind(StrEnum):
@@ -37,6 +51,31 @@ class AdapterLayout(StrEnum):
     COMPACT = "compact"  # the native LoRA-X compact file
 
 
+class MagnitudeAxis(StrEnum):
+    """Which units a DoRA magnitude vector scales."""
+
+    OUT = "out"  # one per output row of W (PEFT use_dora; LyCORIS wd_on_out): shape (m,)
+    IN = "in"  # one per input channel (LyCORIS dora_scale by default): shape (in_channels,)
+
+
+@dataclass(frozen=True)
+class ModuleConversion:
+    """A module that was not a LoRA in its file and became one (LoHa, LoKr, ...).
+
+    Attributes:
+        key: the module's key stem in the file.
+        kind: what it was: ``loha``, ``lokr``, ``locon-tucker`` or ``full``.
+        rank: the rank of the LoRA it became.
+        energy_kept: ||dW_r||_F^2 / ||dW||_F^2 of that LoRA against the expanded update (1.0 for
+            an exact conversion).
+    """
+
+    key: str
+    kind: str
+    rank: int
+    energy_kept: float
+
+
 @dataclass(frozen=True, eq=False)
 class LoraModule:
     """One adapted module.
@@ -52,8 +91,12 @@ class LoraModule:
             when unknown.
         base_digest: content digest of the base tensor the LoRA-X was trained on (compact form).
         source_key: the key prefix the module had in its file, so a writer can keep it.
-        weight_shape: shape of the base weight as stored (4-D for a 1x1 convolution), so a writer
+        weight_shape: shape of the base weight as stored (4-D for a convolution), so a writer
             can restore the original tensor shapes; None means plain 2-D.
+        magnitude: for a DoRA module, its magnitude vector m (1-D, float32 or as stored): (m,)
+            for :attr:`MagnitudeAxis.OUT`, (in_channels,) for :attr:`MagnitudeAxis.IN`; None for
+            a plain LoRA.
+        magnitude_axis: the units ``magnitude`` scales.
 
     Compact modules: a compact LoRA-X read without its base (adapter kind ``LORAX_COMPACT``)
     has no U_r / V_r to expand with. Its module holds ``ds`` and ``base_digest``, and ``up`` /
@@ -72,6 +115,8 @@ class LoraModule:
     base_digest: str | None = None
     source_key: str | None = None
     weight_shape: tuple[int, ...] | None = None
+    magnitude: torch.Tensor | None = None
+    magnitude_axis: MagnitudeAxis = MagnitudeAxis.OUT
 
     def __post_init__(self) -> None:
         if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[0]:
@@ -79,6 +124,28 @@ class LoraModule:
                 f"module {self.name}: up {tuple(self.up.shape)} and down "
                 f"{tuple(self.down.shape)} do not form a LoRA pair (m, r) x (r, n)"
             )
+        if self.magnitude is not None:
+            units = self.magnitude_units
+            if self.magnitude.ndim != 1 or int(self.magnitude.shape[0]) != units:
+                raise ValueError(
+                    f"module {self.name}: a DoRA magnitude per {self.magnitude_axis.value} unit "
+                    f"must have shape ({units},), got {tuple(self.magnitude.shape)}"
+                )
+
+    @property
+    def magnitude_units(self) -> int:
+        """How many units a magnitude vector of this module scales: m for the output axis, the
+        input channels (``weight_shape[1]`` for a convolution, else n) for the input axis."""
+        if self.magnitude_axis is MagnitudeAxis.OUT:
+            return int(self.up.shape[0])
+        if self.weight_shape is not None and len(self.weight_shape) > 2:
+            return int(self.weight_shape[1])
+        return int(self.down.shape[1])
+
+    @property
+    def is_dora(self) -> bool:
+        """True for a DoRA module (it has a magnitude vector)."""
+        return self.magnitude is not None
 
     @classmethod
     def from_ds(
@@ -170,6 +237,10 @@ class LoraAdapter:
         metadata: the safetensors ``__metadata__`` strings (kohya ``ss_*`` and others), kept on
             write.
         source: where it was read from, for messages.
+        dtype: the dtype its LoRA tensors were stored in (the most common one); writers store
+            every LoRA tensor in it. None: as the tensors are.
+        conversions: modules that were not LoRAs in the file (LoHa, LoKr, ...) and became one,
+            with the energy each kept; empty for a plain LoRA file.
     """
 
     modules: Mapping[str, LoraModule]
@@ -178,6 +249,8 @@ class LoraAdapter:
     config: Mapping[str, object] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
     source: str | None = None
+    dtype: torch.dtype | None = None
+    conversions: tuple[ModuleConversion, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -187,3 +260,14 @@ class LoraAdapter:
     @property
     def is_lorax(self) -> bool:
         return self.kind in (AdapterKind.LORAX, AdapterKind.LORAX_COMPACT)
+
+    @property
+    def is_dora(self) -> bool:
+        """True when some module is a DoRA module."""
+        return any(m.is_dora for m in self.modules.values())
+
+    @property
+    def architecture(self) -> Architecture | None:
+        """The Stable Diffusion family its metadata names (kohya ``ss_base_model_version``,
+        ``modelspec.architecture``), or None."""
+        return architecture_of_adapter(self.metadata)

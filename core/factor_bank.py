@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
+import torch
+
 from core.factorize import FactorStore, FactorView
 from core.factors import Factors, RangeBasis
 from core.modes import BaseNeed
@@ -22,6 +24,7 @@ __all__ = [
     "bank_factors",
     "bank_shape",
     "bank_store",
+    "bank_weight",
     "merge_needs",
     "stream_factors",
     "stream_for_needs",
@@ -106,3 +109,19 @@ def stream_for_needs(
     else:
         exact |= dict.fromkeys(loose)
     yield from stream_factors(bank, exact)
+
+
+def bank_weight(bank: FactorBank, name: str) -> torch.Tensor:
+    """The (m, n) float32 weight of ``name``: read from the store's weights, or rebuilt from a
+    mapping's complete exact factors (U diag(S) V^T).
+
+    Raises:
+        ValueError: a mapping whose factors of ``name`` are not complete.
+    """
+    store = bank_store(bank)
+    if store is not None:
+        return store.source.matrix(name)
+    factors = bank_factors(bank, name, None)
+    if factors.rank < min(factors.shape):
+        raise ValueError(f"module {name}: the weight needs all {min(factors.shape)} triplets")
+    return (factors.U * factors.S) @ factors.V.T

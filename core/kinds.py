@@ -9,27 +9,36 @@ read in the source's basis, and what to note about the result.
 | LoRA-X, expanded (``lorax``) | s B A as stored | its dS, else s U_s,r^T B A V_s,r |
 | plain LoRA (``lora``, paper Table 2) | s B A as stored | s U_s,r^T B A V_s,r (recovered) |
 | LoRA-X, compact (``lorax-compact``) | U_s,r dS V_s,r^T (needs its exact base) | its dS |
+| DoRA (a module with a magnitude) | s B A as stored, then the magnitude carried by its gain | as plain LoRA |
+
+A strategy may also *finish* a carried module with the two bases' weights: DoRA's does, applying
+:func:`core.dora.with_carried_magnitude` (m_t = m_s ||W_t + dW_t|| / ||W_s + dW_s||) after the
+direction part is carried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
 
 from core.adapter import AdapterKind, LoraModule
+from core.dora import with_carried_magnitude
 from core.errors import BaseMismatchError
 from core.factors import Factors
 from core.modes import Pair, TransferMode
 
 __all__ = [
+    "DORA_GAIN",
+    "DORA_STRATEGY",
     "KIND_STRATEGIES",
     "PLAIN_LORA",
     "RECOVERED_DS",
     "SIGN_RISK",
     "CompactLoraX",
+    "Dora",
     "KindStrategy",
     "LoraX",
     "PlainLora",
@@ -37,6 +46,12 @@ __all__ = [
 ]
 
 PLAIN_LORA = "plain LoRA, not a LoRA-X: projected onto the target (paper Table 2)"
+DORA_GAIN = (
+    "DoRA: direction carried as a LoRA, magnitude by its gain "
+    "m_t = m_s ||W_t + dW_t|| / ||W_s + dW_s|| (core.dora)"
+)
+Weight = Callable[[], torch.Tensor]
+"""Loads one base weight, (m, n) float32, when a strategy needs it."""
 RECOVERED_DS = "dS recovered from the source factors as U_s,r^T dW V_s,r"
 SIGN_RISK = (
     "sign/rotation risk: a full dS or plain LoRA is carried through basis coordinates, which "
@@ -69,6 +84,13 @@ class KindStrategy:
 
     kind: AdapterKind = AdapterKind.LORAX
     notes: tuple[str, ...] = ()
+    needs_weights: bool = False  # whether finish() reads the bases' weights
+
+    def finish(
+        self, module: LoraModule, carried: LoraModule, source_weight: Weight, target_weight: Weight
+    ) -> tuple[LoraModule, tuple[str, ...]]:
+        """The carried module made whole (nothing to add for most kinds), and notes."""
+        return carried, ()
 
     def source_coordinates(self, module: LoraModule, mode: TransferMode) -> bool:
         """Whether the update must be read in the source basis (source factors needed)."""
@@ -113,6 +135,20 @@ class PlainLora(KindStrategy):
 
     def sign_safe(self, module: LoraModule) -> bool:
         return False
+
+
+@dataclass(frozen=True)
+class Dora(PlainLora):
+    """A DoRA module: its direction s B A carried as a plain LoRA, then its magnitude carried to
+    the target by the gain rule (:mod:`core.dora`)."""
+
+    notes: tuple[str, ...] = (PLAIN_LORA, DORA_GAIN)
+    needs_weights: bool = True
+
+    def finish(
+        self, module: LoraModule, carried: LoraModule, source_weight: Weight, target_weight: Weight
+    ) -> tuple[LoraModule, tuple[str, ...]]:
+        return with_carried_magnitude(module, carried, source_weight(), target_weight())
 
 
 @dataclass(frozen=True)
@@ -162,11 +198,17 @@ KIND_STRATEGIES: Mapping[AdapterKind, KindStrategy] = MappingProxyType(
 )
 
 
+#: The strategy of a DoRA module, whatever its adapter's kind.
+DORA_STRATEGY = Dora()
+
+
 def strategy_for(module: LoraModule, kind: AdapterKind | str) -> KindStrategy:
-    """The strategy for a module of an adapter of ``kind`` (a compact module is compact
-    whatever the adapter says)."""
+    """The strategy for a module of an adapter of ``kind`` (a compact module is compact and a
+    DoRA module is DoRA whatever the adapter says)."""
     if module.is_compact:
         return KIND_STRATEGIES[AdapterKind.LORAX_COMPACT]
+    if module.is_dora:
+        return DORA_STRATEGY
     kind = AdapterKind(kind)
     if kind is AdapterKind.LORAX_COMPACT:  # decoded modules of a compact adapter
         kind = AdapterKind.LORAX

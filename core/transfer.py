@@ -18,6 +18,7 @@ triplets for a different shape, a compact LoRA-X, or copy mode without a known d
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,11 +33,13 @@ from core.factor_bank import (
     bank_factors,
     bank_shape,
     bank_store,
+    bank_weight,
     merge_needs,
     stream_for_needs,
 )
 from core.factorize import FactorStore
 from core.factors import Factors, RangeBasis
+from core.kinds import strategy_for
 from core.modes import BaseNeed, TransferMode
 from core.projection import ModuleTransfer, module_needs, transfer_module
 from core.transfer_plan import OUTSIDE_ASSESSED, LeftOut, Planned, check_adapter, plan_targets
@@ -243,9 +246,37 @@ def transfer_adapter(
         p.target: _output_module(adapter, p, carried[p.target], carrier.digests, bank_store(target))
         for p in planned
     }
+    finished = _finish(adapter, planned, modules, source, target)
     energy = {name: module.energy() for name, module in adapter.modules.items()}
-    reports = _reports(planned, left_out, modules, carried, energy, mode)
+    reports = _reports(planned, left_out, modules, carried, energy, mode, finished)
     return _result(adapter, modules, reports, energy, mode, rank, atc)
+
+
+def _finish(
+    adapter: LoraAdapter,
+    planned: Sequence[Planned],
+    modules: dict[str, LoraModule],
+    source: FactorBank,
+    target: FactorBank,
+) -> dict[str, tuple[str, ...]]:
+    """Let each kind strategy that needs the bases' weights finish its carried modules (DoRA:
+    the magnitude, from the heaviest source of a merged target); returns their notes."""
+    notes: dict[str, tuple[str, ...]] = {}
+    for p in planned:
+        module = adapter.modules[p.primary]
+        strategy = strategy_for(module, adapter.kind)
+        if not strategy.needs_weights:
+            continue
+        modules[p.target], extra = strategy.finish(
+            module,
+            modules[p.target],
+            functools.partial(bank_weight, source, p.primary),
+            functools.partial(bank_weight, target, p.target),
+        )
+        if len(p.sources) > 1:
+            extra = (*extra, f"DoRA magnitude carried from {p.primary}, the heaviest source")
+        notes[p.target] = extra
+    return notes
 
 
 def _output_module(
@@ -283,11 +314,13 @@ def _reports(
     carried: Mapping[str, ModuleTransfer],
     energy: Mapping[str, float],
     mode: TransferMode,
+    finished: Mapping[str, tuple[str, ...]],
 ) -> list[ModuleReport]:
     reports: list[ModuleReport] = []
     for p in planned:
         out, res = modules[p.target], carried[p.target]
         fed_by = tuple(f"fed by source module {s}" for s, _ in p.sources if s != p.target)
+        extra = finished.get(p.target, ())
         reports.append(
             ModuleReport(
                 target=p.target,
@@ -299,7 +332,7 @@ def _reports(
                 energy_source=sum(energy[s] for s, _ in p.sources),
                 energy_target=out.energy(),
                 phi=p.phi,
-                notes=(*((p.note,) if p.note else ()), *fed_by, *res.notes),
+                notes=(*((p.note,) if p.note else ()), *fed_by, *res.notes, *extra),
                 contributions=p.sources,
             )
         )

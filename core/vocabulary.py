@@ -2,7 +2,7 @@
 so that settings, the CLI and the job database can use them without loading the math.
 
 The math modules re-export them where they belong (``core.modes.TransferMode``,
-``core.atc.Combine``); module decisions are in :mod:`core.decisions`, as light.
+``core.atc.Combine``, ``core.matching.MatchStrategy`` / ``MergeWeights``); module decisions are in :mod:`core.decisions`, as light.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from enum import StrEnum
 
 import numpy as np
 
-__all__ = ["Combine", "TransferMode"]
+__all__ = ["Combine", "MatchStrategy", "MergeWeights", "TransferMode"]
 
 
 class TransferMode(StrEnum):
@@ -45,3 +45,17 @@ class Combine(StrEnum):
         if self is Combine.MAX:
             return max(left, right)
         return left if self is Combine.LEFT else right
+
+
+class MatchStrategy(StrEnum):
+    """How many source modules a target module may receive (:func:`core.matching.match_modules`)."""
+
+    ONE_TO_ONE = "one_to_one"  # one source module per target module (the default)
+    MERGE = "merge"  # the mass-weighted combination of every source module sending it mass
+
+
+class MergeWeights(StrEnum):
+    """How a merged target module weighs its source modules' updates."""
+
+    SOURCE = "source"  # w_ij = X_ij / a_i: each source update carried in full over its targets
+    TARGET = "target"  # w_ij = X_ij / sum_i X_ij: a convex combination

@@ -1,25 +1,26 @@
-"""Stream the 2-D weights of a base model from safetensors, one tensor at a time.
+"""Stream the matrices of a base model from safetensors, one tensor at a time, in one naming.
 
-:meth:`WeightSource.open` understands these layouts (see DESIGN.md, "Registry conventions"):
+:meth:`WeightSource.open` reads the layouts of :mod:`core.weight_files` (a file, a folder, a
+sharded checkpoint, a diffusers pipeline, an MLflow folder). Module names are canonical: a
+diffusers pipeline's sub-folder prefixes them (``unet.down_blocks.0...``), and a single-file
+Stable Diffusion checkpoint in LDM/SGM naming (``model.diffusion_model.input_blocks.4.1...``,
+``conditioner.embedders.1.model.transformer.resblocks.N...``) is named as the same pipeline in
+diffusers layout would be (:mod:`core.checkpoints.ldm_names`), so both layouts give the same
+names, shapes and matrices. OpenCLIP's fused ``attn.in_proj_weight`` is three modules
+``self_attn.{q,k,v}_proj``, each reading its row block of the stored tensor (its digest is the
+digest of that block, so the factor cache stays keyed by content).
 
-- a single ``.safetensors`` file;
-- a folder of ``.safetensors`` files, or a sharded checkpoint with a ``*.safetensors.index.json``;
-- a diffusers pipeline folder: sub-folders (``unet/``, ``text_encoder/``, ...) each holding
-  ``diffusion_pytorch_model*.safetensors`` or ``model*.safetensors``; module names are prefixed
-  with the sub-folder name (``unet.down_blocks.0...``);
-- an MLflow transformers-flavour folder (an ``MLmodel`` file; weights under ``model/`` or
-  ``components/<name>/``).
-
-Opening reads file headers only (keys, dtypes, shapes, byte offsets). :meth:`WeightSource.matrix`
-loads exactly one tensor. Pickle checkpoints are refused unless ``allow_pickle=True``; then they
-are read with ``torch.load(weights_only=True)``, which loads a whole file (memory-mapped where the
+Every floating-point weight of two or more dimensions is a matrix, shape (m, n) = (out, in):
+a convolution (out, in, kh, kw) is viewed as (out, in * kh * kw), so eq. 3 applies to it
+unchanged. Opening reads file headers only; :meth:`WeightSource.matrix` loads exactly one tensor
+(or one row block). Pickle checkpoints are refused unless ``allow_pickle=True``; then they are
+read with ``torch.load(weights_only=True)``, which loads a whole file (memory-mapped where the
 file format allows it).
 """
 
 from __future__ import annotations
 
-import json
-import re
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,13 @@ from types import MappingProxyType
 import torch
 from safetensors import SafetensorError, safe_open
 
+from core.checkpoints import (
+    Architecture,
+    UnetBlocks,
+    architecture_of_base,
+    is_ldm_checkpoint,
+    map_checkpoint,
+)
 from core.digest import DTYPE_NAMES, bytes_digest, tensor_digest
 from core.errors import (
     CorruptFileError,
@@ -39,13 +47,13 @@ from core.errors import (
 )
 from core.finite import all_finite
 from core.safetensors_header import TensorEntry, read_header
+from core.weight_files import PICKLE_SUFFIXES, PickleCheckpoints, WeightPart, find_weight_files
 
-__all__ = ["ModuleInfo", "WeightSource"]
+__all__ = ["PICKLE_SUFFIXES", "ModuleInfo", "WeightSource"]
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state", "scaler")
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _CHUNK = 1 << 20
+_WEIGHT = ".weight"
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,15 @@ class ModuleInfo:
     """A weight that can be factorized, as listed from file headers.
 
     Attributes:
-        name: module name (key without ``.weight``, prefixed by a diffusers sub-folder).
-        key: the tensor key inside ``file``.
-        shape: (m, n) = (out, in), the matrix the math sees.
-        stored_shape: the stored shape ((out, in, 1, 1) for a 1x1 convolution).
+        name: module name in the canonical naming (prefixed by a pipeline component).
+        key: the tensor key inside ``file`` (for a row block, the fused tensor's key).
+        shape: (m, n) = (out, in * kernel), the matrix the math sees.
+        stored_shape: the module's own tensor shape ((out, in, kh, kw) for a convolution; for a
+            row block or a transposed tensor, the block's or the transpose's shape).
         dtype: the stored safetensors dtype name (``F32``, ``F16``, ``BF16``, ...).
         file: the file holding the tensor.
+        rows: [begin, end) rows of the stored tensor this module is (fused OpenCLIP q/k/v).
+        transposed: the module's weight is the stored 2-D tensor transposed.
     """
 
     name: str
@@ -67,171 +78,132 @@ class ModuleInfo:
     stored_shape: tuple[int, ...]
     dtype: str
     file: Path
+    rows: tuple[int, int] | None = None
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
-class _Part:
-    prefix: str
-    files: tuple[Path, ...]
-    pickle: bool
-
-
-def _is_pickle(path: Path) -> bool:
-    return path.suffix in PICKLE_SUFFIXES and not path.name.startswith(_NOT_WEIGHTS)
-
-
-def _base(name: str) -> str:
-    return re.split(r"[.-]", name, maxsplit=1)[0]
-
-
-def _prefer_standard(files: Sequence[Path], suffix: str) -> list[Path]:
-    """Drop variant files (``model.fp16.safetensors``) that have a plain counterpart
-    (``model.safetensors`` or ``model-00001-of-00002.safetensors``)."""
-    plain = {_base(f.name) for f in files if "." not in f.name[: -len(suffix)]}
-    return [f for f in files if "." not in f.name[: -len(suffix)] or _base(f.name) not in plain]
-
-
-def _pick_index(indexes: Sequence[Path], suffix: str, folder: Path) -> Path:
-    chosen = _prefer_standard(indexes, suffix)
-    if len(chosen) > 1:
-        names = ", ".join(i.name for i in chosen)
-        raise UnknownLayoutError(f"several checkpoint indexes ({names})", path=folder)
-    return chosen[0]
-
-
-def _index_files(index: Path) -> tuple[Path, ...]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptFileError(f"unreadable checkpoint index ({exc!r})", path=index) from exc
-    files = tuple(index.parent / name for name in names)
-    for file in files:
-        if not file.is_file():
-            raise CorruptFileError(f"index names missing shard {file.name}", path=index)
-    return files
-
-
-def _flat_weights(folder: Path) -> tuple[tuple[Path, ...], bool] | None:
-    """Weight files directly in ``folder`` as (files, is_pickle), or None.
-
-    Order of preference: a safetensors index, safetensors files, a pickle index, pickle files.
-    """
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        return _index_files(_pick_index(indexes, ".safetensors.index.json", folder)), False
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return tuple(_prefer_standard(files, ".safetensors")), False
-    indexes = sorted(folder.glob("*.bin.index.json"))
-    if indexes:
-        return _index_files(_pick_index(indexes, ".bin.index.json", folder)), True
-    pickles = sorted(f for f in folder.iterdir() if f.is_file() and _is_pickle(f))
-    return (tuple(pickles), True) if pickles else None
-
-
-def _resolve(root: Path, subfolders: Sequence[str] | None) -> list[_Part]:
-    """Find the weight files under ``root`` (see the module docstring for the layouts)."""
-    if root.is_file():
-        if root.name.endswith(".index.json"):
-            return [_Part("", _index_files(root), root.name.endswith(".bin.index.json"))]
-        if root.suffix == ".safetensors":
-            return [_Part("", (root,), False)]
-        if root.suffix in PICKLE_SUFFIXES:
-            return [_Part("", (root,), True)]
-        raise UnknownLayoutError("not a safetensors file, index or known checkpoint", path=root)
-    if subfolders is not None:
-        parts = []
-        for sub in subfolders:
-            found = _flat_weights(root / sub) if (root / sub).is_dir() else None
-            if found is None:
-                raise InputError(f"sub-folder {sub!r} holds no weights", path=root)
-            parts.append(_Part(sub, *found))
-        return parts
-    if (root / "MLmodel").is_file():
-        model = root / "model"
-        if model.is_dir() and (_flat_weights(model) or _child_weights(model)):
-            return _resolve(model, None)
-        components = root / "components"
-        parts_found = _child_weights(components) if components.is_dir() else []
-        if len(parts_found) == 1:
-            return [_Part("", parts_found[0].files, parts_found[0].pickle)]
-        if parts_found:
-            return parts_found
-    flat = _flat_weights(root)
-    if flat is not None:
-        return [_Part("", *flat)]
-    children = _child_weights(root)
-    if children:
-        return children
-    hint = next(iter(sorted(root.rglob("*.safetensors"))), None)
-    extra = f"; found {hint.relative_to(root)}: pass weights_path" if hint else ""
-    raise InputError(f"no safetensors weights found{extra}", path=root)
-
-
-def _child_weights(root: Path) -> list[_Part]:
-    parts = []
-    for child in sorted(p for p in root.iterdir() if p.is_dir()):
-        found = _flat_weights(child)
-        if found is not None:
-            parts.append(_Part(child.name, *found))
-    return parts
+class _Stored:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    entry: TensorEntry | None
 
 
 def _classify(dtype: str, shape: tuple[int, ...]) -> tuple[int, int] | str:
     """The (m, n) matrix shape of a stored weight, or the reason it is not a matrix."""
     if dtype not in _FLOAT_DTYPES:
         return f"dtype {dtype} is not a floating-point weight"
-    if len(shape) == 4 and shape[2:] != (1, 1):
-        return (
-            f"convolution with a {shape[2]}x{shape[3]} kernel: only 1x1 convolutions are matrices"
-        )
-    if len(shape) not in (2, 4):
+    if len(shape) < 2:
         return f"{len(shape)}-D tensor, not a matrix"
-    if shape[0] == 0 or shape[1] == 0:
+    if len(shape) > 5:
+        return f"{len(shape)}-D tensor, not a matrix or a convolution"
+    if any(s == 0 for s in shape):
         return "empty matrix"
-    return (shape[0], shape[1])
+    return (shape[0], math.prod(shape[1:]))
 
 
 class WeightSource:
     """Read-only access to the matrices of one base model, one tensor at a time.
 
     Build with :meth:`open`. Not thread-safe (the pickle path keeps one loaded file).
+
+    Attributes:
+        path: the file or folder opened.
+        ignored: folders left out of a multi-part layout, with the reason.
+        naming: ``ldm`` when single-file LDM/SGM keys were renamed to the diffusers naming,
+            ``native`` when names are the stored keys (prefixed by pipeline sub-folders).
+        architecture: the Stable Diffusion family found (:mod:`core.checkpoints.architecture`),
+            or None.
+        unet_blocks: the UNet's block layout, when the model has a diffusers-named UNet.
     """
 
     def __init__(
-        self, path: Path, parts: Sequence[_Part], ignored: Mapping[Path, str] | None = None
+        self,
+        path: Path,
+        parts: Sequence[WeightPart],
+        ignored: Mapping[Path, str] | None = None,
+        *,
+        pickle_loader: PickleCheckpoints | None = None,
     ) -> None:
         self.path = path
         self._parts = tuple(parts)
         self.ignored: Mapping[Path, str] = MappingProxyType(dict(ignored or {}))
-        """Folders left out of a multi-part layout, with the reason."""
         self._modules: dict[str, ModuleInfo] = {}
         self._entries: dict[str, TensorEntry] = {}
         self._skipped: dict[str, str] = {}
         self._digests: dict[str, str] = {}
-        self._pickled: tuple[Path, dict[str, torch.Tensor]] | None = None
-        seen: dict[str, Path] = {}
+        self._pickles = pickle_loader or PickleCheckpoints()
+        self.naming = "native"
+        families: Mapping[str, str] | None = None
         for part in self._parts:
-            for file in part.files:
-                for key, dtype, shape, entry in self._list(file, part.pickle):
-                    if not key.endswith(".weight"):
-                        continue
-                    name = key[: -len(".weight")]
-                    name = f"{part.prefix}.{name}" if part.prefix else name
-                    if name in seen:
-                        raise UnknownLayoutError(
-                            f"weight {key!r} is in both {seen[name].name} and {file.name}",
-                            path=file,
-                        )
-                    seen[name] = file
-                    kind = _classify(dtype, shape)
-                    if isinstance(kind, str):
-                        self._skipped[name] = kind
-                        continue
-                    self._modules[name] = ModuleInfo(name, key, kind, shape, dtype, file)
-                    if entry is not None:
-                        self._entries[name] = entry
+            stored = self._stored(part)
+            if not part.prefix and is_ldm_checkpoint(stored):
+                families = self._add_checkpoint(stored)
+                self.naming = "ldm"
+            else:
+                for key, item in stored.items():
+                    if key.endswith(_WEIGHT):
+                        name = key[: -len(_WEIGHT)]
+                        self._add(f"{part.prefix}.{name}" if part.prefix else name, item)
+        shapes = {info.name: info.stored_shape for info in self._modules.values()}
+        self.architecture: Architecture | None = architecture_of_base(shapes, families=families)
+        unet = [n.removeprefix("unet.") for n in self._modules if n.startswith("unet.")]
+        self.unet_blocks: UnetBlocks | None = UnetBlocks.from_diffusers_names(
+            unet or list(self._modules)
+        )
+
+    def _stored(self, part: WeightPart) -> dict[str, _Stored]:
+        stored: dict[str, _Stored] = {}
+        for file in part.files:
+            for key, dtype, shape, entry in self._list(file, part.pickle):
+                if key in stored:
+                    raise UnknownLayoutError(
+                        f"tensor {key!r} is in both {stored[key].file.name} and {file.name}",
+                        path=file,
+                    )
+                stored[key] = _Stored(key, dtype, shape, file, entry)
+        return stored
+
+    def _add(
+        self,
+        name: str,
+        item: _Stored,
+        rows: tuple[int, int] | None = None,
+        transposed: bool = False,
+    ) -> None:
+        if name in self._modules or name in self._skipped:
+            raise UnknownLayoutError(
+                f"two weights are named {name!r}", path=item.file, key=item.key
+            )
+        shape = item.shape
+        if rows is not None:
+            shape = (rows[1] - rows[0], *shape[1:])
+        elif transposed:
+            if len(shape) != 2:
+                self._skipped[name] = f"{len(shape)}-D tensor where a 2-D projection was expected"
+                return
+            shape = (shape[1], shape[0])
+        kind = _classify(item.dtype, shape)
+        if isinstance(kind, str):
+            self._skipped[name] = kind
+            return
+        self._modules[name] = ModuleInfo(
+            name, item.key, kind, shape, item.dtype, item.file, rows, transposed
+        )
+        if item.entry is not None:
+            self._entries[name] = item.entry
+
+    def _add_checkpoint(self, stored: Mapping[str, _Stored]) -> Mapping[str, str]:
+        mapped = map_checkpoint({key: item.shape for key, item in stored.items()})
+        for param, view in mapped.params.items():
+            if param.endswith(_WEIGHT):
+                self._add(param[: -len(_WEIGHT)], stored[view.key], view.rows, view.transpose)
+        for key, why in mapped.unmapped.items():
+            if key.endswith(_WEIGHT):
+                self._skipped[key[: -len(_WEIGHT)]] = f"single-file checkpoint key: {why}"
+        return mapped.families
 
     @classmethod
     def open(
@@ -245,7 +217,7 @@ class WeightSource:
         """Open a base model's weights (headers only).
 
         Args:
-            path: a file or folder in one of the layouts of the module docstring.
+            path: a file or folder in one of the layouts of :mod:`core.weight_files`.
             allow_pickle: accept ``.bin``/``.pt``/``.pth``/``.ckpt`` checkpoints, loaded with
                 ``torch.load(weights_only=True)``.
             subfolders: restrict a diffusers pipeline to these sub-folders (names keep the
@@ -266,7 +238,7 @@ class WeightSource:
             root = root / weights_path
         if not root.exists():
             raise InputError("no such file or folder", path=root)
-        parts = _resolve(root, subfolders)
+        parts = find_weight_files(root, subfolders)
         refused = [part for part in parts if part.pickle and not allow_pickle]
         if refused and (len(refused) == len(parts) or subfolders is not None):
             raise PickleRefusedError(
@@ -288,28 +260,8 @@ class WeightSource:
             for key, entry in read_header(file).tensors.items():
                 yield key, entry.dtype, entry.shape, entry
             return
-        for key, tensor in self._load_pickle(file).items():
+        for key, tensor in self._pickles.load(file).items():
             yield key, DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape), None
-
-    def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
-        if self._pickled is not None and self._pickled[0] == file:
-            return self._pickled[1]
-        try:
-            try:
-                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-                obj = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for bad or unsafe pickles
-            raise CorruptFileError(
-                f"cannot load checkpoint with weights_only=True ({exc})", path=file
-            ) from exc
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise UnknownLayoutError("checkpoint is not a dict of tensors", path=file)
-        state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        self._pickled = (file, state)
-        return state
 
     @property
     def layout(self) -> str:
@@ -317,6 +269,16 @@ class WeightSource:
         if any(p.pickle for p in self._parts):
             return "pickle"
         return "multi-part" if any(p.prefix for p in self._parts) else "single"
+
+    @property
+    def parts(self) -> tuple[tuple[str, tuple[Path, ...], bool], ...]:
+        """(name prefix, files, is_pickle) of each part read: what :mod:`core.drift` streams
+        every tensor (not only the matrices) from."""
+        return tuple((part.prefix, part.files, part.pickle) for part in self._parts)
+
+    def pickled(self, file: Path) -> Mapping[str, torch.Tensor]:
+        """Every tensor of one pickle checkpoint of this source (the last one loaded is kept)."""
+        return MappingProxyType(self._load_pickle(file))
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -329,11 +291,12 @@ class WeightSource:
         return tuple(self._modules)
 
     def modules(self) -> tuple[ModuleInfo, ...]:
-        """Every 2-D weight and 1x1 convolution; see :meth:`skipped` for the rest."""
+        """Every matrix (2-D weights and convolutions); see :meth:`skipped` for the rest."""
         return tuple(self._modules.values())
 
     def skipped(self) -> Mapping[str, str]:
-        """``.weight`` tensors that are not matrices, with the reason (e.g. 3x3 convolutions)."""
+        """``.weight`` tensors that are not matrices, with the reason (norms, integer tensors,
+        single-file keys outside the name map)."""
         return MappingProxyType(self._skipped)
 
     def __contains__(self, name: object) -> bool:
@@ -357,24 +320,33 @@ class WeightSource:
             ) from None
 
     def stored_tensor(self, name: str) -> torch.Tensor:
-        """The tensor of ``name`` as stored (dtype and shape), loading only that tensor.
+        """The module's tensor in its stored dtype and :attr:`ModuleInfo.stored_shape`, loading
+        only that tensor (only its row block for a fused q/k/v).
 
         Raises:
             MissingModuleError, CorruptFileError.
         """
         info = self.info(name)
         if info.name not in self._entries:
-            return self._load_pickle(info.file)[info.key].clone()
+            tensor = self._pickles.load(info.file)[info.key]
+            if info.rows is not None:
+                tensor = tensor[info.rows[0] : info.rows[1]]
+            return (tensor.T if info.transposed else tensor).contiguous().clone()
         try:
             with safe_open(info.file, framework="pt", device="cpu") as fh:
-                return fh.get_tensor(info.key)
+                if info.rows is not None:
+                    tensor = fh.get_slice(info.key)[info.rows[0] : info.rows[1]]
+                else:
+                    tensor = fh.get_tensor(info.key)
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise CorruptFileError(
                 f"cannot read tensor ({exc})", path=info.file, key=info.key
             ) from exc
+        return tensor.T.contiguous() if info.transposed else tensor
 
     def matrix(self, name: str) -> torch.Tensor:
-        """Load one weight as a float32 (m, n) matrix (1x1 convolutions reshaped).
+        """Load one weight as a float32 (m, n) matrix (convolutions reshaped to
+        (out, in * kh * kw)).
 
         Raises:
             MissingModuleError, CorruptFileError.
@@ -390,34 +362,37 @@ class WeightSource:
         return matrix
 
     def digest(self, name: str) -> str:
-        """Content digest of the stored tensor (:mod:`core.digest`), from the file's raw bytes.
+        """Content digest of the module's tensor (:mod:`core.digest`), from the file's raw bytes.
 
         Equal to ``tensor_digest(self.stored_tensor(name))``; safetensors data is hashed without
-        decoding, one chunk at a time.
+        decoding, one chunk at a time (a row block hashes only its rows' bytes).
         """
         cached = self._digests.get(name)
         if cached is not None:
             return cached
         info = self.info(name)
         entry = self._entries.get(name)
-        if entry is None:
+        if entry is None or info.transposed:
             digest = tensor_digest(self.stored_tensor(name))
         else:
-            digest = bytes_digest(entry.dtype, entry.shape, self._chunks(info.file, entry))
+            begin, end = entry.begin, entry.end
+            if info.rows is not None:
+                row_bytes = (end - begin) // max(entry.shape[0], 1)
+                begin, end = begin + info.rows[0] * row_bytes, begin + info.rows[1] * row_bytes
+            chunks = self._chunks(info.file, begin, end, entry.key)
+            digest = bytes_digest(entry.dtype, info.stored_shape, chunks)
         self._digests[name] = digest
         return digest
 
     @staticmethod
-    def _chunks(file: Path, entry: TensorEntry) -> Iterator[bytes]:
+    def _chunks(file: Path, begin: int, end: int, key: str) -> Iterator[bytes]:
         with file.open("rb") as fh:
-            fh.seek(entry.begin)
-            left = entry.end - entry.begin
+            fh.seek(begin)
+            left = end - begin
             while left > 0:
                 chunk = fh.read(min(_CHUNK, left))
                 if not chunk:
-                    raise CorruptFileError(
-                        "file ended inside tensor data", path=file, key=entry.key
-                    )
+                    raise CorruptFileError("file ended inside tensor data", path=file, key=key)
                 left -= len(chunk)
                 yield chunk
 

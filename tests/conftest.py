@@ -16,6 +16,7 @@ import torch
 
 pytest_plugins = [
     "tests.fixtures.models",
+    "tests.fixtures.sdxl",
     "tests.fixtures.postgres",
     "tests.fixtures.mlflow",
 ]

@@ -17,6 +17,7 @@ from core.formats.compact import (
     encode_compact,
 )
 from core.formats.detect import detect_layout
+from core.formats.lycoris import LycorisOptions
 from core.formats.resolve import (
     CoverageReport,
     MatchRule,
@@ -30,6 +31,7 @@ __all__ = [
     "COMPACT_FORMAT",
     "COMPACT_VERSION",
     "CoverageReport",
+    "LycorisOptions",
     "MatchRule",
     "ModuleMatch",
     "UnmatchedModule",

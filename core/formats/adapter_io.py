@@ -11,6 +11,7 @@ from core.formats.compact import read_compact, write_compact
 from core.formats.detect import layout_of_keys, peft_folder_of
 from core.formats.diffusers import read_diffusers, write_diffusers
 from core.formats.kohya import read_kohya, write_kohya
+from core.formats.lycoris import LycorisOptions
 from core.formats.peft import read_peft, write_peft
 from core.formats.resolve import resolve_modules
 from core.formats.tensorfile import read_pickle, read_safetensors
@@ -31,6 +32,7 @@ def read_adapter(
     *,
     base_modules: Mapping[str, tuple[int, int]] | None = None,
     allow_pickle: bool = False,
+    lycoris: LycorisOptions | None = None,
 ) -> LoraAdapter:
     """Read an adapter in any supported layout, detected from the path, keys and metadata.
 
@@ -40,6 +42,8 @@ def read_adapter(
         base_modules: base module name -> (m, n); when given, module names are resolved onto the
             base's (:func:`core.formats.resolve_modules`, strict) and shapes are checked.
         allow_pickle: opt in to pickle files (loaded with ``torch.load(weights_only=True)``).
+        lycoris: how LyCORIS modules (LoHa, LoKr, ...) of a kohya file become LoRA modules
+            (default :class:`core.formats.lycoris.LycorisOptions`).
 
     Returns:
         The adapter; names resolved to base names when ``base_modules`` is given.
@@ -56,15 +60,17 @@ def read_adapter(
     if folder is not None:
         adapter = read_peft(folder, allow_pickle=allow_pickle)
     elif p.is_dir():
-        adapter = _read_single_file_in(p, allow_pickle=allow_pickle)
+        adapter = _read_single_file_in(p, allow_pickle=allow_pickle, lycoris=lycoris)
     else:
-        adapter = _read_file(p, allow_pickle=allow_pickle)
+        adapter = _read_file(p, allow_pickle=allow_pickle, lycoris=lycoris)
     if base_modules is not None:
         adapter, _ = resolve_modules(adapter, base_modules, strict=True)
     return adapter
 
 
-def _read_single_file_in(folder: Path, *, allow_pickle: bool) -> LoraAdapter:
+def _read_single_file_in(
+    folder: Path, *, allow_pickle: bool, lycoris: LycorisOptions | None
+) -> LoraAdapter:
     candidates = sorted(folder.glob("*.safetensors"))
     if len(candidates) != 1:
         raise InputError(
@@ -72,10 +78,10 @@ def _read_single_file_in(folder: Path, *, allow_pickle: bool) -> LoraAdapter:
             "(expected adapter_config.json, or exactly one adapter file)",
             path=folder,
         )
-    return _read_file(candidates[0], allow_pickle=allow_pickle)
+    return _read_file(candidates[0], allow_pickle=allow_pickle, lycoris=lycoris)
 
 
-def _read_file(path: Path, *, allow_pickle: bool) -> LoraAdapter:
+def _read_file(path: Path, *, allow_pickle: bool, lycoris: LycorisOptions | None) -> LoraAdapter:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         tensor_file = read_pickle(path, allow_pickle=allow_pickle)
     else:
@@ -84,7 +90,7 @@ def _read_file(path: Path, *, allow_pickle: bool) -> LoraAdapter:
     if layout is AdapterLayout.COMPACT:
         return read_compact(tensor_file)
     if layout is AdapterLayout.KOHYA:
-        return read_kohya(tensor_file)
+        return read_kohya(tensor_file, lycoris=lycoris)
     return read_diffusers(tensor_file)
 
 

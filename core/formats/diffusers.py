@@ -15,6 +15,10 @@ written in the ``lora.down`` / ``lora.up`` style, which the same loaders read). 
 ``lora_adapter_metadata`` config is kept with ``lora_alpha = r`` and ``alpha_pattern`` =
 ``rank_pattern`` when it still gives every module its rank, and dropped otherwise (diffusers then
 infers the ranks from the tensors).
+
+DoRA: ``<module>.lora_magnitude_vector`` (PEFT's shape, (out,)) sits beside ``lora_A`` /
+``lora_B``; diffusers' loader then sets ``use_dora`` itself. A DoRA adapter is always written in
+the ``lora_A`` / ``lora_B`` style. Tensors are written in the adapter's input dtype.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from core.formats.pairing import (
     KeyPair,
     PairStyle,
     kind_from_metadata,
+    magnitude_tensor,
     metadata_for_write,
     module_from_tensors,
     scaled_up,
     split_pairs,
+    storage_dtype,
     tensors_of_module,
 )
 from core.formats.peft import implied_rank_and_scale
@@ -56,6 +62,7 @@ PROCESSOR = PairStyle(down="_lora.down.weight", up="_lora.up.weight")
 DIFFUSERS_STYLES = (LORA_A_B, LORA_DOWN_UP, PROCESSOR)
 _STYLE_NAMES = {"lora_A_B": LORA_A_B, "lora_down_up": LORA_DOWN_UP}
 _ALPHA = ".alpha"
+_MAGNITUDE = ".lora_magnitude_vector"
 
 
 def looks_like_diffusers(keys: list[str]) -> bool:
@@ -129,7 +136,15 @@ def read_diffusers(tensor_file: TensorFile) -> LoraAdapter:
     stems = {p.stem for p in pairs}
     is_alpha = {k: k.endswith(_ALPHA) and k[: -len(_ALPHA)] in stems for k in rest}
     alphas = {k[: -len(_ALPHA)]: tensors[k] for k, ok in is_alpha.items() if ok}
-    stray = [k for k, ok in is_alpha.items() if not ok]
+    magnitudes = {
+        k[: -len(_MAGNITUDE)]: tensors[k]
+        for k in rest
+        if k.endswith(_MAGNITUDE) and k[: -len(_MAGNITUDE)] in stems
+    }
+    is_magnitude = {
+        k for k in rest if k.endswith(_MAGNITUDE) and k[: -len(_MAGNITUDE)] in magnitudes
+    }
+    stray = [k for k, ok in is_alpha.items() if not ok and k not in is_magnitude]
     if stray:
         raise UnknownLayoutError("not a diffusers LoRA tensor", path=path, key=stray[0])
     if not pairs:
@@ -154,6 +169,7 @@ def read_diffusers(tensor_file: TensorFile) -> LoraAdapter:
             path=path,
             key=pair.down_key,
             source_key=name if pair.style is PROCESSOR else pair.stem,
+            magnitude=(magnitudes[pair.stem], "peft") if pair.stem in magnitudes else None,
         )
     styles = [p.style for p in pairs]
     style = LORA_A_B if styles.count(LORA_A_B) * 2 >= len(styles) else LORA_DOWN_UP
@@ -165,10 +181,11 @@ def read_diffusers(tensor_file: TensorFile) -> LoraAdapter:
         config={"key_style": style_name},
         metadata=dict(tensor_file.metadata),
         source=str(path),
+        dtype=storage_dtype(t for p in pairs for t in (tensors[p.down_key], tensors[p.up_key])),
     )
 
 
-def _unit_scale_metadata(raw: str, ranks: Mapping[str, int]) -> str | None:
+def _unit_scale_metadata(raw: str, ranks: Mapping[str, int], *, dora: bool) -> str | None:
     """The stored config rewritten for scale 1 (alpha = r), or None when it no longer gives every
     module (name -> rank) its rank."""
     configs = _component_configs({METADATA_KEY: raw}, Path(METADATA_KEY))
@@ -177,6 +194,7 @@ def _unit_scale_metadata(raw: str, ranks: Mapping[str, int]) -> str | None:
         patterns = config.get("rank_pattern")
         config["alpha_pattern"] = dict(patterns) if isinstance(patterns, Mapping) else {}
         config["use_rslora"] = False
+        config["use_dora"] = dora
     for name, rank in ranks.items():
         implied_r, scale = _scale(name, rank, None, configs)
         if implied_r not in (None, rank) or scale != 1.0:
@@ -201,7 +219,8 @@ def write_diffusers(adapter: LoraAdapter, path: str | Path) -> list[Path]:
         [path].
 
     Raises:
-        ValueError: two modules that would share one key.
+        ValueError: two modules that would share one key; an input-channel DoRA magnitude
+            (LyCORIS), which diffusers' PEFT-based loader has no form for.
     """
     modules = list(adapter.modules.values())
     same_layout = adapter.layout is AdapterLayout.DIFFUSERS
@@ -209,19 +228,21 @@ def write_diffusers(adapter: LoraAdapter, path: str | Path) -> list[Path]:
     require_unique(stems)
     style = (
         _STYLE_NAMES.get(str(adapter.config.get("key_style")), LORA_A_B)
-        if same_layout
+        if same_layout and not adapter.is_dora
         else LORA_A_B
     )
     tensors: dict[str, torch.Tensor] = {}
     for stem, module in zip(stems, modules, strict=True):
-        down, up = tensors_of_module(module, scaled_up(module))
+        down, up = tensors_of_module(module, scaled_up(module), dtype=adapter.dtype)
         tensors[stem + style.down] = down
         tensors[stem + style.up] = up
+        if module.is_dora:
+            tensors[stem + _MAGNITUDE] = magnitude_tensor(module, style="peft", dtype=adapter.dtype)
     metadata = metadata_for_write(adapter, keep=same_layout)
     raw = metadata.pop(METADATA_KEY, None)
     if raw is not None:
         ranks = {stem: module.rank for stem, module in zip(stems, modules, strict=True)}
-        rewritten = _unit_scale_metadata(raw, ranks)
+        rewritten = _unit_scale_metadata(raw, ranks, dora=adapter.is_dora)
         if rewritten is not None:
             metadata[METADATA_KEY] = rewritten
     metadata.setdefault("format", "pt")

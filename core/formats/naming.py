@@ -10,9 +10,10 @@ source block) without ever writing one module's key under another's name.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from core.adapter import LoraModule
+from core.checkpoints.unet_blocks import UnetBlocks, ldm_unet_name
 
 __all__ = [
     "KOHYA_COMPONENTS",
@@ -21,6 +22,8 @@ __all__ = [
     "dotted_stems",
     "kohya_stems",
     "require_unique",
+    "sgm_blocks_of",
+    "sgm_config",
     "split_component",
     "split_kohya_stem",
     "underscored",
@@ -45,6 +48,20 @@ KOHYA_PREFIX_OF_COMPONENT: dict[str, str] = {
     "transformer": "lora_transformer_",
 }
 PIPELINE_COMPONENTS = frozenset(KOHYA_PREFIX_OF_COMPONENT)
+# Adapter config keys of a kohya file whose UNet keys use the SGM block names (set on resolve).
+UNET_NAMING_KEY, UNET_BLOCKS_KEY = "unet_naming", "unet_blocks"
+
+
+def sgm_config(config: Mapping[str, object], blocks: UnetBlocks) -> dict[str, object]:
+    """``config`` marking SGM-named UNet keys resolved with ``blocks``."""
+    return {**config, UNET_NAMING_KEY: "sgm", UNET_BLOCKS_KEY: blocks.as_dict()}
+
+
+def sgm_blocks_of(config: Mapping[str, object]) -> UnetBlocks | None:
+    """The UNet blocks an SGM-named kohya adapter was resolved with, or None."""
+    if config.get(UNET_NAMING_KEY) != "sgm":
+        return None
+    return UnetBlocks.from_dict(config.get(UNET_BLOCKS_KEY))
 
 
 def require_unique(stems: Sequence[str]) -> None:
@@ -124,7 +141,22 @@ def dotted_stems(
     return stems
 
 
-def _kohya_agrees(name: str, stem: str) -> bool:
+def _unet_path(bare: str, prefix: str, blocks: UnetBlocks | None) -> str:
+    """The underscored path of a module under ``prefix``: SGM block names for the UNet of an
+    SGM-named adapter, else the name itself.
+
+    Raises:
+        ValueError: a UNet module with no SGM name.
+    """
+    if blocks is None or prefix != "lora_unet_":
+        return underscored(bare)
+    sgm = ldm_unet_name(bare, blocks)
+    if sgm is None:
+        raise ValueError(f"UNet module {bare} has no SGM name (kohya SDXL naming)")
+    return underscored(sgm)
+
+
+def _kohya_agrees(name: str, stem: str, blocks: UnetBlocks | None) -> bool:
     if name == stem:
         return True
     split = split_kohya_stem(stem)
@@ -132,23 +164,37 @@ def _kohya_agrees(name: str, stem: str) -> bool:
         return False
     prefix, rest = split
     component, bare = split_component(name)
-    if component is not None:
-        return component == KOHYA_COMPONENTS[prefix] and underscored(bare) == rest
-    return underscored(name) == rest
+    if component is not None and component != KOHYA_COMPONENTS[prefix]:
+        return False
+    try:
+        return _unet_path(bare, prefix, blocks) == rest
+    except ValueError:
+        return False
 
 
-def kohya_stems(modules: Sequence[LoraModule], *, use_source_keys: bool = True) -> list[str]:
+def kohya_stems(
+    modules: Sequence[LoraModule],
+    *,
+    use_source_keys: bool = True,
+    sgm_blocks: UnetBlocks | None = None,
+) -> list[str]:
     """kohya key stems (``lora_unet_...``), one per module, in order.
 
     A module keeps its ``source_key`` when it agrees with its name; otherwise the stem is derived:
     the component prefix of a pipeline name (``unet.`` -> ``lora_unet_``; ``text_encoder.`` ->
     ``lora_te1_`` when the adapter already uses ``lora_te1_``/``lora_te2_``, else ``lora_te_``),
     and for a name without a component the prefix most common among the other bare names
-    (``lora_unet_`` by default), followed by the underscored name. ``use_source_keys=False``
-    derives every stem.
+    (``lora_unet_`` by default), followed by the underscored name (for the UNet of an SGM-named
+    adapter, ``sgm_blocks`` given, its SGM block name: ``lora_unet_input_blocks_4_1_...``).
+    ``use_source_keys=False`` derives every stem.
+
+    Raises:
+        ValueError: with ``sgm_blocks``, a UNet module that has no SGM name.
     """
     agrees = [
-        use_source_keys and m.source_key is not None and _kohya_agrees(m.name, m.source_key)
+        use_source_keys
+        and m.source_key is not None
+        and _kohya_agrees(m.name, m.source_key, sgm_blocks)
         for m in modules
     ]
     used = Counter(
@@ -181,5 +227,5 @@ def kohya_stems(modules: Sequence[LoraModule], *, use_source_keys: bool = True) 
             prefix = te_prefix
         else:
             prefix = KOHYA_PREFIX_OF_COMPONENT[component]
-        stems.append(prefix + underscored(bare))
+        stems.append(prefix + _unet_path(bare, prefix, sgm_blocks))
     return stems

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from core.adapter import AdapterKind, LoraAdapter, LoraModule
+from core.adapter import AdapterKind, LoraAdapter, LoraModule, MagnitudeAxis
 from core.errors import ShapeMismatchError, UnknownLayoutError, UnpairedTensorError
 
 __all__ = [
@@ -24,10 +24,13 @@ __all__ = [
     "KeyPair",
     "PairStyle",
     "kind_from_metadata",
+    "magnitude_from_tensor",
+    "magnitude_tensor",
     "metadata_for_write",
     "module_from_tensors",
     "scaled_up",
     "split_pairs",
+    "storage_dtype",
     "tensors_of_module",
 ]
 
@@ -115,6 +118,7 @@ def module_from_tensors(
     path: str | Path,
     key: str,
     source_key: str | None = None,
+    magnitude: tuple[torch.Tensor, str] | None = None,
 ) -> LoraModule:
     """A :class:`LoraModule` from a file's down and up tensors, convolution LoRAs viewed as 2-D.
 
@@ -125,9 +129,11 @@ def module_from_tensors(
         scale: multiplier of up @ down.
         path, key: where the tensors came from, for messages.
         source_key: the key stem in the file.
+        magnitude: a DoRA magnitude as stored and its style (``peft`` / ``kohya``), see
+            :func:`magnitude_from_tensor`.
 
     Raises:
-        ShapeMismatchError: the ranks of down and up differ.
+        ShapeMismatchError: the ranks of down and up differ; a magnitude that does not fit.
         UnknownLayoutError: tensors of unsupported dimensionality (a non-1x1 up kernel, 1-D).
     """
     if down.ndim < 2 or up.ndim < 2 or down.ndim != up.ndim:
@@ -157,6 +163,17 @@ def module_from_tensors(
         weight_shape = (int(up.shape[0]), *(int(s) for s in down.shape[1:]))
         down = down.reshape(r, -1)
         up = up.reshape(int(up.shape[0]), r)
+    vector, axis = None, MagnitudeAxis.OUT
+    if magnitude is not None:
+        channels = weight_shape[1] if weight_shape is not None else int(down.shape[1])
+        vector, axis = magnitude_from_tensor(
+            magnitude[0],
+            out_units=int(up.shape[0]),
+            in_channels=channels,
+            style=magnitude[1],
+            path=path,
+            key=key,
+        )
     return LoraModule(
         name=name,
         up=up,
@@ -164,17 +181,20 @@ def module_from_tensors(
         scale=float(scale),
         source_key=source_key,
         weight_shape=weight_shape,
+        magnitude=vector,
+        magnitude_axis=axis,
     )
 
 
 def tensors_of_module(
-    module: LoraModule, up: torch.Tensor | None = None
+    module: LoraModule, up: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (down, up) tensors to store for a module, in its stored (possibly 4-D) shapes.
 
     Args:
         module: the module.
         up: a replacement for ``module.up`` (e.g. with the scale folded in), same shape.
+        dtype: store in this dtype (the adapter's input dtype); None keeps the tensors' own.
 
     Raises:
         ValueError: for a compact module, which has no up/down values.
@@ -187,7 +207,80 @@ def tensors_of_module(
         r = module.rank
         down = down.reshape(r, *module.weight_shape[1:])
         up = up.reshape(int(up.shape[0]), r, *([1] * (len(module.weight_shape) - 2)))
+    if dtype is not None:
+        down, up = down.to(dtype), up.to(dtype)
     return down.contiguous(), up.contiguous()
+
+
+def storage_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The most common dtype among a file's LoRA tensors (None for none)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors:
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
+    return max(counts, key=lambda d: counts[d]) if counts else None
+
+
+def magnitude_from_tensor(
+    tensor: torch.Tensor,
+    *,
+    out_units: int,
+    in_channels: int,
+    style: str,
+    path: str | Path,
+    key: str,
+) -> tuple[torch.Tensor, MagnitudeAxis]:
+    """A DoRA magnitude as stored, as (vector, axis).
+
+    Args:
+        tensor: PEFT ``lora_magnitude_vector``, (m,) or (1, m, 1, 1) for a convolution; or
+            kohya/LyCORIS ``dora_scale``, (m, 1, ...) per output row (``wd_on_out``) or
+            (1, in_channels, ...) per input channel.
+        out_units, in_channels: the module's m and input channels.
+        style: ``peft`` or ``kohya``.
+        path, key: for messages.
+
+    Raises:
+        ShapeMismatchError: a shape neither convention gives this module.
+    """
+    shape = tuple(int(s) for s in tensor.shape)
+    flat = tensor.reshape(-1)
+    conv_peft = len(shape) > 2 and shape[:2] == (1, out_units) and all(s == 1 for s in shape[2:])
+    if style == "peft" and (shape == (out_units,) or conv_peft):
+        return flat, MagnitudeAxis.OUT
+    if style == "kohya" and len(shape) >= 2 and all(s == 1 for s in shape[2:]):
+        if shape[:2] == (out_units, 1):
+            return flat, MagnitudeAxis.OUT
+        if shape[:2] == (1, in_channels):
+            return flat, MagnitudeAxis.IN
+    raise ShapeMismatchError(
+        f"DoRA magnitude of shape {list(shape)} fits neither {out_units} output rows nor "
+        f"{in_channels} input channels of its module",
+        path=path,
+        key=key,
+    )
+
+
+def magnitude_tensor(module: LoraModule, *, style: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """The module's magnitude in a layout's stored shape (see :func:`magnitude_from_tensor`).
+
+    Raises:
+        ValueError: no magnitude; an input-channel magnitude for the PEFT style, which has none.
+    """
+    if module.magnitude is None:
+        raise ValueError(f"module {module.name} has no DoRA magnitude")
+    conv = module.weight_shape is not None and len(module.weight_shape) > 2
+    ones = [1] * (len(module.weight_shape) - 2) if conv and module.weight_shape else []
+    vector = module.magnitude if dtype is None else module.magnitude.to(dtype)
+    if style == "peft":
+        if module.magnitude_axis is not MagnitudeAxis.OUT:
+            raise ValueError(
+                f"module {module.name}: a DoRA magnitude per input channel (LyCORIS dora_scale) "
+                "has no PEFT form (PEFT's DoRA scales output rows); write it as kohya"
+            )
+        return (vector.reshape(1, -1, *ones) if conv else vector).contiguous()
+    if module.magnitude_axis is MagnitudeAxis.OUT:
+        return vector.reshape(-1, 1, *ones).contiguous()
+    return vector.reshape(1, -1, *ones).contiguous()
 
 
 def scaled_up(module: LoraModule) -> torch.Tensor:

@@ -15,29 +15,47 @@ the scale is folded into B (B' = scale * B), the config gets ``lora_alpha = r`` 
 in ``alpha_pattern``, checked against PEFT's matching rule so that no pattern catches a module it
 was not written for. Either way PEFT computes exactly the adapter's dW. ``target_modules`` is kept
 when it covers every written module and extended (or replaced by the list of names) otherwise.
+
+DoRA (``use_dora: true``): every module also has ``<stem>.lora_magnitude_vector``, shape
+(out_features,) ((1, out, 1, 1) for a convolution), read into :attr:`LoraModule.magnitude` and
+written back with ``use_dora`` set (PEFT's magnitude scales output rows: an input-channel
+magnitude from a LyCORIS file is refused on write). Tensors are written in the adapter's
+:attr:`LoraAdapter.dtype` (the dtype they were read in).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+
+import torch
 
 from core.adapter import AdapterLayout, LoraAdapter, LoraModule
-from core.errors import CorruptFileError, ShapeMismatchError, UnknownLayoutError
+from core.errors import (
+    CorruptFileError,
+    ShapeMismatchError,
+    UnknownLayoutError,
+    UnpairedTensorError,
+)
 from core.formats.naming import PEFT_WRAPPER, dotted_stems, require_unique
 from core.formats.pairing import (
     PairStyle,
     kind_from_metadata,
+    magnitude_tensor,
     metadata_for_write,
     module_from_tensors,
     scaled_up,
     split_pairs,
+    storage_dtype,
     tensors_of_module,
+)
+from core.formats.peft_config import (
+    fresh_config,
+    implied_rank_and_scale,
+    pattern_value,
+    same_rank_and_scale,
+    with_targets,
 )
 from core.formats.tensorfile import (
     json_writer,
@@ -61,52 +79,14 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_STYLE = PairStyle(down=".lora_A.weight", up=".lora_B.weight")
-# PEFT's own defaults when a config omits them.
-_DEFAULT_R = 8
-_DEFAULT_ALPHA = 8
 # Initialisations whose adapters are relative to a modified base weight: their dW is not B @ A.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 _UNSUPPORTED_KEYS = {
-    "lora_magnitude_vector": "DoRA adapters are not supported",
     "lora_embedding_": "embedding LoRAs are not supported",
     ".lora_A.bias": "LoRA biases are not supported",
     ".lora_B.bias": "LoRA biases are not supported",
 }
-
-V = TypeVar("V")
-
-
-def pattern_value(patterns: Mapping[str, V], name: str) -> V | None:
-    """The value of the first pattern matching ``name`` by PEFT's rule, or None.
-
-    Args:
-        patterns: pattern -> value (a ``rank_pattern`` or ``alpha_pattern``), in order.
-        name: module name relative to the wrapped model.
-    """
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return None
-
-
-def implied_rank_and_scale(config: Mapping[str, object], name: str) -> tuple[int, float]:
-    """(r, scale) PEFT gives module ``name`` under ``config``."""
-    r_pattern = pattern_value(_mapping(config.get("rank_pattern")), name)
-    alpha_pattern = pattern_value(_mapping(config.get("alpha_pattern")), name)
-    r = int(_number(config.get("r") if r_pattern is None else r_pattern, _DEFAULT_R))
-    alpha = _number(
-        config.get("lora_alpha") if alpha_pattern is None else alpha_pattern, _DEFAULT_ALPHA
-    )
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return r, scale
-
-
-def _mapping(value: object) -> Mapping[str, object]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _number(value: object, default: float) -> float:
-    return float(value) if isinstance(value, int | float) else float(default)
 
 
 def _read_config(path: Path) -> dict[str, object]:
@@ -121,8 +101,6 @@ def _read_config(path: Path) -> dict[str, object]:
         raise UnknownLayoutError(
             f"PEFT adapter of type {peft_type} is not a LoRA", path=path, key="peft_type"
         )
-    if config.get("use_dora"):
-        raise UnknownLayoutError("DoRA adapters are not supported", path=path, key="use_dora")
     if config.get("fan_in_fan_out"):
         raise UnknownLayoutError(
             "fan_in_fan_out adapters (transposed Conv1D weights, e.g. GPT-2) are not supported: "
@@ -170,17 +148,24 @@ def read_peft(folder: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
         raise CorruptFileError(f"PEFT folder without {WEIGHTS_NAME}", path=root)
     tensors = tensor_file.tensors
     pairs, rest = split_pairs(tensors, [PEFT_STYLE], path=weights)
-    for key in rest:
-        reason = next((why for part, why in _UNSUPPORTED_KEYS.items() if part in key), None)
-        raise UnknownLayoutError(
-            reason or "not a LoRA tensor (full weights such as modules_to_save are not supported)",
-            path=weights,
-            key=key,
-        )
+    magnitudes = _magnitudes(rest, {p.stem for p in pairs}, tensors, weights)
     if not pairs:
         raise UnknownLayoutError("PEFT adapter without LoRA tensors", path=weights)
+    dora = bool(config.get("use_dora"))
+    if magnitudes and not dora:
+        raise UnknownLayoutError(
+            f"DoRA magnitudes in the weights but use_dora is not set in {CONFIG_NAME}",
+            path=weights,
+            key=next(iter(magnitudes.values()))[1],
+        )
     modules: dict[str, LoraModule] = {}
     for pair in pairs:
+        if dora and pair.stem not in magnitudes:
+            raise UnknownLayoutError(
+                "use_dora is set but this module has no lora_magnitude_vector",
+                path=weights,
+                key=pair.down_key,
+            )
         name = pair.stem.removeprefix(PEFT_WRAPPER)
         r_config, scale = implied_rank_and_scale(config, name)
         r_file = int(tensors[pair.down_key].shape[0])
@@ -198,6 +183,7 @@ def read_peft(folder: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
             path=weights,
             key=pair.down_key,
             source_key=pair.stem,
+            magnitude=(magnitudes[pair.stem][0], "peft") if pair.stem in magnitudes else None,
         )
     return LoraAdapter(
         modules=modules,
@@ -206,73 +192,37 @@ def read_peft(folder: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
         config=config,
         metadata=tensor_file.metadata,
         source=str(root),
+        dtype=storage_dtype(t for p in pairs for t in (tensors[p.down_key], tensors[p.up_key])),
     )
 
 
-def _explicit_patterns(values: Mapping[str, int], default: int) -> dict[str, int]:
-    """Pattern entries (most specific first) under which PEFT's rule gives every module its value.
+def _magnitudes(
+    rest: list[str], stems: set[str], tensors: Mapping[str, torch.Tensor], path: Path
+) -> dict[str, tuple[torch.Tensor, str]]:
+    """stem -> (DoRA magnitude tensor, its key) from the keys that are not LoRA halves.
 
     Raises:
-        ValueError: when no such set exists (cannot happen for distinct module names).
+        UnknownLayoutError: a key that is neither a magnitude nor supported (names it).
+        UnpairedTensorError: a magnitude of a module without LoRA tensors.
     """
-    entries = {name: v for name, v in values.items() if v != default}
-    for _ in range(2):
-        ordered = dict(
-            sorted(entries.items(), key=lambda kv: (-kv[0].count("."), -len(kv[0]), kv[0]))
-        )
-        wrong = [n for n, v in values.items() if (pattern_value(ordered, n) or default) != v]
-        if not wrong:
-            return ordered
-        entries.update({n: values[n] for n in wrong})
-    raise ValueError(f"no rank_pattern expresses the ranks of modules {wrong[:3]}")
-
-
-def _covers(target_modules: object, name: str) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    if isinstance(target_modules, list | tuple | set):
-        return any(name == t or name.endswith(f".{t}") for t in target_modules)
-    return False
-
-
-def _with_targets(config: dict[str, object], names: list[str]) -> dict[str, object]:
-    targets = config.get("target_modules")
-    missing = [n for n in names if not _covers(targets, n)]
-    if missing and isinstance(targets, list | tuple | set):
-        config["target_modules"] = sorted(set(targets) | set(missing))
-    elif missing:  # a regex (or "all-linear") that misses a module: list the names instead
-        config["target_modules"] = sorted(names)
-    excluded = config.get("exclude_modules")
-    if excluded and any(_covers(excluded, n) for n in names):
-        config["exclude_modules"] = None
-    return config
-
-
-def _fresh_config(config: dict[str, object], ranks: Mapping[str, int]) -> dict[str, object]:
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    patterns = _explicit_patterns(ranks, r)
-    config.update(
-        peft_type="LORA",
-        r=r,
-        lora_alpha=r,
-        use_rslora=False,
-        use_dora=False,
-        rank_pattern=patterns,
-        alpha_pattern=dict(patterns),
-    )
-    defaults: dict[str, object] = {
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "task_type": None,
-        "base_model_name_or_path": None,
-    }
-    for key, value in defaults.items():
-        config.setdefault(key, value)
-    return config
+    found: dict[str, tuple[torch.Tensor, str]] = {}
+    for key in rest:
+        suffix = next((s for s in _MAGNITUDE if key.endswith(s)), None)
+        if suffix is None:
+            reason = next((why for part, why in _UNSUPPORTED_KEYS.items() if part in key), None)
+            raise UnknownLayoutError(
+                reason
+                or "not a LoRA tensor (full weights such as modules_to_save are not supported)",
+                path=path,
+                key=key,
+            )
+        stem = key[: -len(suffix)]
+        if stem not in stems:
+            raise UnpairedTensorError(
+                "DoRA magnitude of a module with no LoRA tensors", path=path, key=key
+            )
+        found[stem] = (tensors[key], key)
+    return found
 
 
 def write_peft(
@@ -291,9 +241,11 @@ def write_peft(
         [weights path, config path].
 
     Raises:
-        ValueError: two modules that would share one key.
+        ValueError: two modules that would share one key; a DoRA adapter with a module without
+            magnitude, or with input-channel magnitudes (which PEFT's DoRA has no form for).
     """
     modules = list(adapter.modules.values())
+    dora = _dora_modules(modules)
     same_layout = adapter.layout is AdapterLayout.PEFT
     stems = dotted_stems(modules, default_add=PEFT_WRAPPER, use_source_keys=same_layout)
     require_unique(stems)
@@ -302,19 +254,27 @@ def write_peft(
     keep = (
         bool(config)
         and not fold_scale
+        and bool(config.get("use_dora")) == dora
         and all(
-            _same(implied_rank_and_scale(config, n), (m.rank, m.scale))
+            same_rank_and_scale(implied_rank_and_scale(config, n), (m.rank, m.scale))
             for n, m in zip(names, modules, strict=True)
         )
     )
     if not keep:
-        config = _fresh_config(config, {n: m.rank for n, m in zip(names, modules, strict=True)})
-    config = _with_targets(config, names)
+        ranks = {n: m.rank for n, m in zip(names, modules, strict=True)}
+        config = fresh_config(config, ranks, dora=dora)
+    config = with_targets(config, names)
     tensors = {}
     for stem, module in zip(stems, modules, strict=True):
-        down, up = tensors_of_module(module, None if keep else scaled_up(module))
+        down, up = tensors_of_module(
+            module, None if keep else scaled_up(module), dtype=adapter.dtype
+        )
         tensors[stem + PEFT_STYLE.down] = down
         tensors[stem + PEFT_STYLE.up] = up
+        if dora:
+            tensors[stem + _MAGNITUDE[0]] = magnitude_tensor(
+                module, style="peft", dtype=adapter.dtype
+            )
     metadata = {"format": "pt", **metadata_for_write(adapter, keep=same_layout)}
     return write_folder_atomic(
         folder,
@@ -325,5 +285,16 @@ def write_peft(
     )
 
 
-def _same(implied: tuple[int, float], actual: tuple[int, float]) -> bool:
-    return implied[0] == actual[0] and math.isclose(implied[1], actual[1], rel_tol=1e-9)
+def _dora_modules(modules: list[LoraModule]) -> bool:
+    """True when the modules are DoRA modules (all of them: PEFT's use_dora is adapter-wide).
+
+    Raises:
+        ValueError: some modules have a magnitude and others not.
+    """
+    without = [m.name for m in modules if not m.is_dora]
+    if len(without) in (0, len(modules)):
+        return not without
+    raise ValueError(
+        f"a PEFT DoRA adapter needs a magnitude on every module; {len(without)} have none "
+        f"(first: {without[0]})"
+    )

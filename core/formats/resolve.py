@@ -11,10 +11,16 @@ Rules, in order, for each adapter module (base names are weight keys without ``.
    name, after the component the prefix names (``lora_unet_`` -> ``unet.``, ``lora_te_`` /
    ``lora_te1_`` -> ``text_encoder.``, ``lora_te2_`` -> ``text_encoder_2.``) or bare (a base that is
    the component itself), equals the stem's remainder; two base names with the same underscored
-   form make it ambiguous.
+   form make it ambiguous;
+4. kohya SGM: a ``lora_unet_`` stem in SDXL's SGM block names
+   (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``) matches the UNet module whose
+   SGM name (:func:`core.checkpoints.ldm_unet_name`, with the base UNet's block layout)
+   underscored equals the stem's remainder; the adapter's config then records the naming and the
+   blocks, so that it is written back in SGM names.
 
 A matched module must have the base module's (m, n) shape. Two adapter modules on one base module
-are a conflict: the second is reported as a duplicate.
+are a conflict: the second is reported as a duplicate. A module that matches nothing is reported
+with its likely cause (:func:`core.formats.diagnose.likely_cause`).
 """
 
 from __future__ import annotations
@@ -25,8 +31,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from core.adapter import LoraAdapter, LoraModule
+from core.checkpoints.unet_blocks import UnetBlocks, ldm_unet_name
 from core.errors import MissingModuleError, ShapeMismatchError
-from core.formats.naming import KOHYA_COMPONENTS, split_component, split_kohya_stem, underscored
+from core.formats.diagnose import likely_cause
+from core.formats.naming import (
+    KOHYA_COMPONENTS,
+    sgm_config,
+    split_component,
+    split_kohya_stem,
+    underscored,
+)
 
 __all__ = [
     "CoverageReport",
@@ -44,6 +58,7 @@ class MatchRule(StrEnum):
     EXACT = "exact"
     SUFFIX = "suffix"  # differs only by wrapper prefixes
     KOHYA = "kohya"  # underscored kohya stem
+    KOHYA_SGM = "kohya-sgm"  # underscored kohya stem in SDXL's SGM block names
 
 
 class UnmatchedReason(StrEnum):
@@ -107,6 +122,15 @@ class _Index:
     names: frozenset[str]
     by_suffix: Mapping[str, tuple[str, ...]]  # proper dotted suffix -> base names ending in it
     by_kohya: Mapping[tuple[str | None, str], tuple[str, ...]]  # (component, underscored) -> names
+    by_sgm: Mapping[str, tuple[str, ...]]  # underscored SGM name of a UNet module -> base names
+    blocks: UnetBlocks | None  # the base UNet's block layout
+
+
+def _unet_of(names: list[str]) -> tuple[list[str], str]:
+    """The UNet's module names (relative) and their prefix: ``unet.`` in a pipeline, or "" for
+    a bare UNet."""
+    piped = [n[len("unet.") :] for n in names if n.startswith("unet.")]
+    return (piped, "unet.") if piped else (names, "")
 
 
 def _index(base_names: Iterable[str]) -> _Index:
@@ -121,10 +145,20 @@ def _index(base_names: Iterable[str]) -> _Index:
         by_kohya.setdefault((component, underscored(rest)), []).append(name)
         if component is not None:  # also bare: a model whose first segment merely looks like one
             by_kohya.setdefault((None, underscored(name)), []).append(name)
+    unet, prefix = _unet_of(names)
+    blocks = UnetBlocks.from_diffusers_names(unet)
+    by_sgm: dict[str, list[str]] = {}
+    if blocks is not None:
+        for name in unet:
+            sgm = ldm_unet_name(name, blocks)
+            if sgm is not None:
+                by_sgm.setdefault(underscored(sgm), []).append(prefix + name)
     return _Index(
         names=frozenset(names),
         by_suffix={k: tuple(v) for k, v in by_suffix.items()},
         by_kohya={k: tuple(v) for k, v in by_kohya.items()},
+        by_sgm={k: tuple(v) for k, v in by_sgm.items()},
+        blocks=blocks,
     )
 
 
@@ -148,6 +182,9 @@ def _candidates(name: str, index: _Index) -> tuple[tuple[str, ...], MatchRule | 
         )
         if found:
             return found, MatchRule.KOHYA
+        sgm = index.by_sgm.get(rest, ()) if prefix == "lora_unet_" else ()
+        if sgm:
+            return sgm, MatchRule.KOHYA_SGM
     return (), None
 
 
@@ -188,8 +225,11 @@ def resolve_modules(
         found, rule = _candidates(name, index)
         problem: UnmatchedModule | None = None
         if not found or rule is None:
+            cause = likely_cause(name, adapter, index.names)
             problem = UnmatchedModule(
-                name, UnmatchedReason.NO_SUCH_MODULE, "matches no base module"
+                name,
+                UnmatchedReason.NO_SUCH_MODULE,
+                f"matches no base module; likely cause: {cause}",
             )
         elif len(found) > 1:
             shown = ", ".join(sorted(found)[:4])
@@ -227,7 +267,10 @@ def resolve_modules(
         unmatched=tuple(unmatched),
         untouched=tuple(n for n in wanted if n not in owner),
     )
-    return dataclasses.replace(adapter, modules=renamed), report
+    config = adapter.config
+    if index.blocks is not None and any(m.rule is MatchRule.KOHYA_SGM for m in matched):
+        config = sgm_config(config, index.blocks)
+    return dataclasses.replace(adapter, modules=renamed, config=config), report
 
 
 def _raise(adapter: LoraAdapter, module: LoraModule, problem: UnmatchedModule) -> None:
@@ -237,7 +280,5 @@ def _raise(adapter: LoraAdapter, module: LoraModule, problem: UnmatchedModule) -
             f"does not fit the base: {problem.detail}", path=adapter.source, key=key
         )
     raise MissingModuleError(
-        f"{problem.reason.value}: {problem.detail} (is the adapter for another model?)",
-        path=adapter.source,
-        key=key,
+        f"{problem.reason.value}: {problem.detail}", path=adapter.source, key=key
     )

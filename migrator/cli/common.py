@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.exc import OperationalError
 
 from core.errors import InputError
@@ -77,8 +78,9 @@ state = State()
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """Print one clear line on stderr and exit with ``code``."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print one clear line on stderr and exit with ``code``. The message is printed as it is:
+    rich markup is not interpreted, so keys such as ``[lora_unet_...]`` stay in the line."""
+    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
     raise typer.Exit(code)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
@@ -13,6 +13,7 @@ from migrator.cli.common import (
     EXIT_BAD_INPUT,
     decisions_table,
     emit_json,
+    err,
     fail,
     fmt_atc,
     guarded,
@@ -25,6 +26,7 @@ from migrator.registry import Tag, VersionRef
 from migrator.settings import Settings
 
 if TYPE_CHECKING:
+    from core.transfer import TransferResult
     from migrator.adapters import CarriedAdapter
     from migrator.bases import BaseComparison, OpenedBase, ProgressFn
 
@@ -145,7 +147,39 @@ def _transfer_document(
         "layout": carried.layout.value,
         "files": [str(f) for f in files],
         "notes": list(result.notes),
+        "modules_left_out": _left_out(result),
+        "conversions": _conversions(result),
     }
+
+
+def _left_out(result: TransferResult) -> list[dict[str, Any]]:
+    """Every adapter module whose update reaches no target module: name, target, reason."""
+    targets = {r.source: r.target for r in result.modules if r.rank == 0}
+    return [
+        {"module": name, "target": targets.get(name), "reason": why}
+        for name, why in result.left_out
+    ]
+
+
+def _conversions(result: TransferResult) -> list[dict[str, Any]]:
+    """LyCORIS modules that became LoRA modules, with the energy each kept."""
+    return [
+        {"key": c.key, "kind": c.kind, "rank": c.rank, "energy_kept": c.energy_kept}
+        for c in result.adapter.conversions
+    ]
+
+
+def _refuse_partial(document: dict[str, Any], as_json: bool) -> NoReturn:
+    """List the left-out modules on stderr (and the figures as JSON, no files) and exit 1."""
+    left_out = document["modules_left_out"]
+    for item in left_out:
+        err.print(f"left out: {item['module']}: {item['reason']}", markup=False, highlight=False)
+    if as_json:
+        emit_json(document)
+    fail(
+        f"{len(left_out)} adapter module(s) reach no module of the target; nothing written "
+        "(--allow-partial writes the rest)"
+    )
 
 
 def _print_transfer(document: dict[str, Any], title: str) -> None:
@@ -163,7 +197,15 @@ def _print_transfer(document: dict[str, Any], title: str) -> None:
         ],
     )
     for note in document["notes"]:
-        out.print(f"note: {note}")
+        out.print(f"note: {note}", markup=False)
+    for item in document["modules_left_out"]:
+        out.print(f"left out: {item['module']} ({item['reason']})", markup=False)
+    for c in document["conversions"]:
+        out.print(
+            f"converted: {c['key']} ({c['kind']}) to a rank-{c['rank']} LoRA keeping "
+            f"{c['energy_kept']:.1%} of its energy",
+            markup=False,
+        )
     if not document["is_lorax"]:
         out.print("note: the input is a plain LoRA, not a LoRA-X: expect a weaker transfer")
     out.print(f"wrote {', '.join(document['files'])}")
@@ -196,9 +238,17 @@ def transfer_command(
         "--match/--same-name",
         help="Match modules by subspace similarity (default), or carry each to the module of the same name.",
     ),
+    allow_partial: bool = typer.Option(
+        False,
+        "--allow-partial",
+        help="Write the result even when some adapter modules reach no target module (listed).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Carry ADAPTER from base --from to base --to, training-free; write it in its own layout."""
+    """Carry ADAPTER from base --from to base --to, training-free; write it in its own layout.
+
+    Exits 1, writing nothing, when a module of the adapter reaches no module of the target,
+    listing each by name and reason (--allow-partial writes the rest)."""
     from migrator.adapters import carry_adapter, load_adapter, single_file_of, write_carried
     from migrator.bases import compare_bases
 
@@ -216,6 +266,8 @@ def transfer_command(
         carried = carry_adapter(
             loaded, src, tgt, decisions, settings, mode=mode, rank=rank, atc=atc
         )
+    if carried.result.left_out and not allow_partial:
+        _refuse_partial(_transfer_document(carried, comparison, []), as_json)
     files = write_carried(carried, output, like=single_file_of(adapter_path))
     document = _transfer_document(carried, comparison, files)
     if as_json:

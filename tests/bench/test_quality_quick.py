@@ -1,9 +1,10 @@
 """``bench/quality.py --quick`` runs end to end on the real models and writes complete results.
 
-The quick mode trains for a few steps only, so its numbers mean nothing; what is checked is that
-every target x row cell exists with finite numbers, that the module decisions are the expected
-ones (the pruned model's layers are rematched), and that the table and plot are written. No
-timing is asserted.
+The quick mode trains for a few steps only, so its accuracy numbers mean nothing; what is checked
+is that every target x row cell exists with finite numbers, that the module decisions are the
+expected ones (the pruned model's layers are rematched), that the signals beside ATC are there
+and tell the real fine-tune from the random-feed-forward control (those are measured on the real
+models), and that the table and plot are written. No timing is asserted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = {"rohan-pristine", "harder", "pruned", "random"}
+TARGETS = {
+    "rohan-pristine", "harder-2", "harder-4", "harder-6", "pruned", "random", "random-ffn"
+}  # fmt: skip
+VARIANTS = {
+    "lorax_project_merge",
+    "lorax_project_merge_mean",
+    "lorax_project_ordered",
+    "lorax_project_ordered_merge",
+    "lorax_project_ordered_merge_mean",
+}
 ROWS = {
     "none",
     "trained",
@@ -55,7 +65,7 @@ def test_every_target_and_row_has_finite_numbers(
     assert set(doc["targets"]) == TARGETS
     for name, target in doc["targets"].items():
         assert _finite(target["atc"]) and 0.0 <= target["atc"] <= 1.0, name
-        expected = ROWS | ({"lorax_kept_layers_project"} if name == "pruned" else set())
+        expected = ROWS | ({"lorax_kept_layers_project"} | VARIANTS if name == "pruned" else set())
         assert set(target["rows"]) == expected, name
         trained_gain = target["rows"]["trained"]["gain_mean"]
         for key, row in target["rows"].items():
@@ -101,3 +111,51 @@ def test_table_and_plot_are_written(quick_results: tuple[dict[str, Any], str, Pa
     assert "Spearman" in stdout
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.realmodels
+@pytest.mark.interop
+def test_signals_beside_atc(quick_results: tuple[dict[str, Any], str, Path]) -> None:
+    doc, stdout, _ = quick_results
+    targets = doc["targets"]
+    for name, target in targets.items():
+        assert _finite(target["drift"]) and target["drift"] >= 0.0, name
+        assert set(target["cka"]) == {"token_ids", "words", "text"}, name
+        assert all(-1.0 <= v <= 1.0 for v in target["cka"].values()), name
+        assert len(target["adapter_signals"]) == doc["experiment"]["seeds"], name
+    rohan, noise = targets["rohan-pristine"], targets["random-ffn"]
+    # the control: attention untouched, so ATC cannot see it; drift and the function can
+    assert noise["atc"] < 1e-6 and rohan["atc"] < 1e-3
+    assert noise["drift"] > 0.3 > 0.01 > rohan["drift"]
+    assert min(rohan["cka"].values()) > 0.9 > 0.7 > min(noise["cka"].values())
+    for signals in rohan["adapter_signals"]:
+        assert min(signals["r"].values()) > 0.8
+    for signals in targets["random"]["adapter_signals"]:  # every module skipped: no effect
+        assert all(v is None for v in signals["r"].values())
+    decisions = {(p["target"], p["decision"]) for p in doc["signals"]["points"]}
+    assert {d for t, d in decisions if t == "rohan-pristine"} == {"approved"}
+    for held in ("harder-2", "harder-4", "harder-6", "pruned", "random-ffn"):
+        assert {d for t, d in decisions if t == held} == {"pending"}, held
+    assert {d for t, d in decisions if t == "random"} == {"skipped"}
+    assert {"atc", "drift", "cka_text", "effect_text"} <= set(doc["signals"]["spearman"])
+    assert doc["signals"]["costs"]["adapter_seconds_mean"] > 0
+    assert "Spearman rho of each signal" in stdout and "Functional check cost" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.realmodels
+@pytest.mark.interop
+def test_merge_carries_the_dropped_layers(quick_results: tuple[dict[str, Any], str, Path]) -> None:
+    doc, _, _ = quick_results
+    rows = doc["targets"]["pruned"]["rows"]
+    one_to_one = rows["lorax_project"]["energy_retained"]
+    assert 0.3 < one_to_one < 0.7  # three of six layers' updates have a place
+    assert rows["lorax_project_ordered_merge"]["energy_retained"] > 0.95
+    assert rows["lorax_project_merge"]["energy_retained"] > 0.95
+    assert rows["lorax_project_ordered_merge_mean"]["energy_retained"] < one_to_one
+    mapping = doc["targets"]["pruned"]["variant_module_map"]["lorax_project_ordered_merge"]
+    fed = {s for m in mapping for s, _ in m["sources"]}
+    assert len(fed) == 24  # every source module reaches a target module
+    query0 = next(m for m in mapping if m["target"] == "encoder.layer.0.attention.self.query")
+    assert query0["sources"][0][0] == "encoder.layer.0.attention.self.query"

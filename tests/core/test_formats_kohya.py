@@ -16,7 +16,6 @@ from core.adapter import AdapterLayout
 from core.errors import (
     MissingModuleError,
     ShapeMismatchError,
-    UnknownLayoutError,
     UnpairedTensorError,
 )
 from core.formats import MatchRule, UnmatchedReason, read_adapter, resolve_modules, write_adapter
@@ -194,7 +193,7 @@ def test_wrong_shape_for_the_base(unet: nn.Module, tmp_path: Path) -> None:
     assert "ff_net_0_proj" in message and "(128, 32)" in message and "(256, 32)" in message
 
 
-def test_lycoris_tensors_refused(tmp_path: Path) -> None:
+def test_incomplete_loha_refused_by_key(tmp_path: Path) -> None:
     path = tmp_path / "loha.safetensors"
     save_file(
         {
@@ -204,7 +203,7 @@ def test_lycoris_tensors_refused(tmp_path: Path) -> None:
         },
         str(path),
     )
-    with pytest.raises(UnknownLayoutError, match="LoHa") as err:
+    with pytest.raises(UnpairedTensorError, match="hada_w1_b") as err:
         read_adapter(path)
     assert "lora_unet_y.hada_w1_a" in str(err.value)
 
@@ -226,3 +225,71 @@ def test_alpha_without_module(tmp_path: Path) -> None:
 def test_weights_of_the_unet_match_the_resolved_shapes(unet: nn.Module) -> None:
     """Guard for the helpers: 1x1 convolutions appear in the 2-D view."""
     assert weights_2d(unet)[f"{KOHYA_BLOCK}.proj_in"].shape == (32, 32)
+
+
+SD15_LOCON = {
+    "lora_unet_down_blocks_0_resnets_0_conv1": "down_blocks.0.resnets.0.conv1",  # 3x3
+    "lora_unet_down_blocks_0_downsamplers_0_conv": "down_blocks.0.downsamplers.0.conv",  # 3x3
+    "lora_unet_up_blocks_1_resnets_0_conv_shortcut": "up_blocks.1.resnets.0.conv_shortcut",
+    f"lora_unet_{KOHYA_BLOCK.replace('.', '_')}_proj_in": f"{KOHYA_BLOCK}.proj_in",  # 1x1
+    f"lora_unet_{KOHYA_BLOCK.replace('.', '_')}_transformer_blocks_0_ff_net_0_proj": (
+        f"{KOHYA_BLOCK}.transformer_blocks.0.ff.net.0.proj"  # GEGLU, 2x width
+    ),
+    f"lora_unet_{KOHYA_BLOCK.replace('.', '_')}_transformer_blocks_0_ff_net_2": (
+        f"{KOHYA_BLOCK}.transformer_blocks.0.ff.net.2"
+    ),
+}
+
+
+def test_sd15_locon_carried_to_a_successor_and_loaded_by_diffusers(
+    unet: nn.Module, tmp_path: Path
+) -> None:
+    """LoCon on 3x3 convolutions (lora_down [r, C, 3, 3], lora_up [C', r, 1, 1]), a 1x1 conv
+    and the feed-forward: resolved, carried to a successor with cosine > 0.9 per module,
+    written back under the same keys, and applied by diffusers as by hand."""
+    from diffusers import StableDiffusionPipeline
+
+    from core.factorize import FactorStore
+    from core.transfer import transfer_adapter
+    from core.weights import WeightSource
+    from tests.core.lora_models import perturbed, save_weights
+    from tests.core.sdxl_adapters import in_subspace_pair
+
+    g = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+    for stem, name in SD15_LOCON.items():
+        weight = unet.get_submodule(name).weight.detach()
+        down, up = in_subspace_pair(weight, 4, g)
+        if weight.ndim == 4:
+            down, up = down.reshape(4, *weight.shape[1:]), up.reshape(-1, 4, 1, 1)
+        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+        tensors[f"{stem}.alpha"] = torch.tensor(4.0)
+    path = tmp_path / "locon.safetensors"
+    save_file(tensors, str(path))
+    successor = perturbed(unet, eps=0.02, seed=3)
+    source = WeightSource.open(save_weights(unet, tmp_path / "s" / "unet.safetensors"))
+    target = WeightSource.open(save_weights(successor, tmp_path / "t" / "unet.safetensors"))
+    adapter = read_adapter(path, base_modules={i.name: i.shape for i in source.modules()})
+    assert adapter.modules["down_blocks.0.resnets.0.conv1"].weight_shape == (32, 32, 3, 3)
+    result = transfer_adapter(adapter, FactorStore(source), FactorStore(target))
+    assert result.modules_transferred == len(SD15_LOCON) and not result.left_out
+    for name, module in adapter.modules.items():
+        before, after = module.delta().flatten(), result.adapter.modules[name].delta().flatten()
+        assert float(before @ after / (before.norm() * after.norm())) > 0.9, name
+    out = write_adapter(result.adapter, tmp_path / "carried.safetensors")[0]
+    written = load_file(out)
+    assert set(written) == set(tensors)
+    assert written["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (
+        4,
+        32,
+        3,
+        3,
+    )
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(out))
+    loaded = perturbed(unet, eps=0.02, seed=3)
+    loaded.load_lora_adapter(state, network_alphas=alphas, prefix="unet")
+    inputs = unet_inputs()
+    deltas = {n: m.delta() for n, m in result.adapter.modules.items()}
+    expected = unet_output(with_deltas(successor, deltas), inputs)
+    assert not torch.allclose(expected, unet_output(successor, inputs), atol=1e-4)
+    torch.testing.assert_close(unet_output(loaded, inputs), expected, rtol=1e-4, atol=1e-5)

@@ -256,12 +256,13 @@ def test_pickle_weights_refused_unless_opted_in(simple: Path) -> None:
     assert len(adapter.modules) == 4
 
 
-def test_dora_refused(simple: Path) -> None:
+def test_dora_config_without_magnitudes_names_the_module(simple: Path) -> None:
     config = json.loads((simple / "adapter_config.json").read_text())
     config["use_dora"] = True
     (simple / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(UnknownLayoutError, match="DoRA"):
+    with pytest.raises(UnknownLayoutError, match="no lora_magnitude_vector") as err:
         read_adapter(simple)
+    assert "attention.self.query.lora_A.weight" in str(err.value)
 
 
 def test_stray_tensor_names_key(simple: Path) -> None:

@@ -77,3 +77,72 @@ def test_threshold_moves_decisions(ssd_like) -> None:
 def test_decision_is_a_string_enum() -> None:
     assert Decision("rematched") is Decision.REMATCHED
     assert f"{Decision.SAME_NAME}" == "same_name"
+
+
+def _layers(count: int, seed: int) -> dict[str, torch.Tensor]:
+    return {
+        f"encoder.layer.{i}.attention.self.query": random_matrix(16, 16, seed + i)
+        for i in range(count)
+    }
+
+
+def test_merge_equals_one_to_one_for_equal_module_counts() -> None:
+    weights = _layers(4, 200)
+    source = {n: factorize(w) for n, w in weights.items()}
+    target = {n: factorize(_noisy(w, 9)) for n, w in weights.items()}
+    atc = compute_atc(source, target, k=4)
+    one = match_modules(atc, min_similarity=0.5)
+    merged = match_modules(atc, min_similarity=0.5, strategy="merge")
+    assert merged == one  # a permutation plan has one source per column
+    assert all(d.contributions == () and d.sources == ((d.source, 1.0),) for d in one)
+
+
+def test_merge_combines_every_source_sending_mass() -> None:
+    """Six source modules, three targets (the source's 0, 2, 4): each target column holds
+    the mass of two source rows."""
+    weights = _layers(6, 300)
+    source = {n: factorize(w) for n, w in weights.items()}
+    names = list(weights)
+    target = {names[b]: factorize(_noisy(weights[names[2 * b]], b)) for b in range(3)}
+    atc = compute_atc(source, target, k=4)
+    one = {d.target: d for d in match_modules(atc, min_similarity=0.5)}
+    merged = {d.target: d for d in match_modules(atc, min_similarity=0.5, strategy="merge")}
+    mean = {
+        d.target: d
+        for d in match_modules(atc, min_similarity=0.5, strategy="merge", merge_weights="target")
+    }
+    fed = []
+    for b in range(3):
+        t = names[b]
+        assert one[t].contributions == () and one[t].source == names[2 * b]
+        parts = merged[t].contributions
+        assert len(parts) == 2 and parts[0] == (names[2 * b], pytest.approx(1.0))
+        assert parts[1][1] == pytest.approx(1.0)  # the whole of that source row's mass
+        assert merged[t].source == one[t].source and merged[t].decision == one[t].decision
+        assert "merged (source weights)" in merged[t].reason
+        assert [w for _, w in mean[t].contributions] == [pytest.approx(0.5)] * 2
+        fed += [s for s, _ in parts]
+    assert sorted(fed) == sorted(names)  # every source update reaches one target
+
+
+def test_merge_keeps_skips_and_merge_min_similarity_filters() -> None:
+    weights = _layers(6, 400)
+    source = {n: factorize(w) for n, w in weights.items()}
+    names = list(weights)
+    target = {names[0]: factorize(_noisy(weights[names[0]], 1)),
+              names[1]: factorize(random_matrix(16, 16, 999))}  # fmt: skip
+    atc = compute_atc(source, target, k=4)
+    merged = {d.target: d for d in match_modules(atc, min_similarity=0.5, strategy="merge")}
+    assert merged[names[1]].decision is Decision.SKIPPED and merged[names[1]].sources == ()
+    assert len(merged[names[0]].contributions) == 3  # 6 rows over 2 columns
+    strict = match_modules(atc, min_similarity=0.5, strategy="merge", merge_min_similarity=0.99)
+    assert strict[0].contributions == ()  # no other source is that similar: one-to-one
+
+
+def test_a_plan_of_the_wrong_shape_is_refused(ssd_like) -> None:
+    source, target = ssd_like
+    atc = compute_atc(source, target, k=4)
+    with pytest.raises(ValueError, match="plan has shape"):
+        match_modules(atc, min_similarity=0.5, plan=atc.plan[:, :2])
+    with pytest.raises(ValueError, match="non-negative"):
+        match_modules(atc, min_similarity=0.5, plan=-atc.plan)

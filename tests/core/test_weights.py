@@ -48,27 +48,31 @@ def test_single_file_lists_matrices_and_skips_the_rest_with_reasons(single: Path
     assert set(source.names) == {
         "blocks.0.attn.to_q",
         "blocks.0.proj_in",
+        "blocks.0.conv",
         "blocks.0.half",
         "blocks.0.brain",
     }
     info = source.info("blocks.0.proj_in")
     assert (info.shape, info.stored_shape, info.dtype) == ((8, 6), (8, 6, 1, 1), "F32")
     assert info.key == "blocks.0.proj_in.weight" and info.file == single
+    conv = source.info("blocks.0.conv")  # a 3x3 convolution is the matrix (out, in * 3 * 3)
+    assert (conv.shape, conv.stored_shape) == ((4, 27), (4, 3, 3, 3))
     skipped = source.skipped()
-    assert "3x3 kernel" in skipped["blocks.0.conv"]
     assert "1-D" in skipped["blocks.0.norm"]
     assert "I64" in skipped["embeddings.position_ids"]
-    with pytest.raises(MissingModuleError, match="3x3 kernel"):
-        source.matrix("blocks.0.conv")
+    with pytest.raises(MissingModuleError, match="1-D"):
+        source.matrix("blocks.0.norm")
     assert source.info("blocks.0.half").dtype == "F16"
 
 
-def test_matrix_is_float32_2d_and_reshapes_1x1_convs(single: Path) -> None:
+def test_matrix_is_float32_2d_and_reshapes_convs(single: Path) -> None:
     source = WeightSource.open(single)
     expected = _tensors()
     conv = source.matrix("blocks.0.proj_in")
     assert conv.shape == (8, 6) and conv.dtype == torch.float32
     assert torch.equal(conv, expected["blocks.0.proj_in.weight"].reshape(8, 6))
+    kernel = source.matrix("blocks.0.conv")
+    assert torch.equal(kernel, expected["blocks.0.conv.weight"].reshape(4, 27))
     half = source.matrix("blocks.0.half")
     assert half.dtype == torch.float32
     assert torch.equal(half, expected["blocks.0.half.weight"].float())
