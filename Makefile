@@ -75,6 +75,8 @@ bench: $(DEV_STAMP)
 	$(BIN)/python bench/transfer_speed.py --threads 1 --models sdxl --sizes ""
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/ray_scale.py
+	$(BIN)/python bench/randomized_settings.py
+	$(BIN)/python bench/registry_scale.py
 
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache

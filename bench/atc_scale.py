@@ -10,8 +10,8 @@ safetensors files with an empty factor cache, then ``core.atc.compute_atc`` and
 - **exact**: what ``migrator.bases.compare_bases`` does: ``FactorStore.prefetch()`` (full thin SVD
   of every matrix, batched by shape, cached on disk for later transfers), then the similarities
   on a rank-k view;
-- **truncated**: ``FactorStore.prefetch(rank=k, exact=False)`` (``torch.svd_lowrank`` with the
-  store's defaults: oversampling k, 4 power iterations), then the same.
+- **truncated**: ``FactorStore.prefetch(rank=k, exact=False)`` (the randomized block Krylov
+  SVD of ``core.svd`` with the store's defaults: blocks of k columns, depth 6), then the same.
 
 Reported: wall time (by phase), peak RSS (VmHWM), the factor cache written, and the error of the
 truncated similarities against the exact ones over every valid module pair (left and right

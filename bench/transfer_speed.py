@@ -1,7 +1,8 @@
 """Transfer throughput: our path against the paper's Algorithm 1, side by side.
 
-    python bench/transfer_speed.py [--quick] [--device cpu|cuda] [--threads N]
-        [--models sd15,llama,sdxl] [--counts 1,4,16,64] [--sizes grid-b8-w1280,...] [--show]
+    python bench/transfer_speed.py [--quick] [--device cpu|cuda] [--threads 1]
+        [--models sd15,llama,sdxl] [--counts 1,4,16,64] [--new-base 4]
+        [--sizes grid-b8-w1280,...] [--show]
 
 For each model (``bench/shapes.py``) and N adapters (LoRA-X, ranks 8/16/32/64 in turn, PEFT
 folders) from base A to its successor B, in project mode at full thin rank (the paper's
@@ -29,8 +30,15 @@ would take too long it runs for fewer adapters; larger N then shows an *estimate
 N x its measured per-adapter time), marked ``*`` and ``alg1_estimated`` in the JSON, never used
 for an acceptance target.
 
-A second table ("sizes") runs one rank-8 adapter on generic models of growing module count and
-width: peak memory of a transfer against the model's size and its largest module.
+A second table ("new base", ``bench/new_base.py``) is a new base's first pass: the assessment
+of its predecessor and it (ATC at k = 32) plus N = 4 transfers, today's path (a full SVD of both
+bases) against ours (randomized assessment factors, then QR range bases in project mode or the
+exact leading triplets in subspace mode), with the cache each writes for the new base and the
+outputs against Algorithm 1 / an exact reference.
+
+A third table ("sizes") runs one rank-8 adapter on generic models of growing module count and
+width: peak memory of a transfer, and of a new base's first pass, against the model's size and
+its largest module.
 Results: ``bench/results/transfer_speed.json`` (``--quick``: ``bench/.cache/``).
 """
 
@@ -53,6 +61,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench import measure, shapes
+from bench.new_base import compare_outputs, print_new_base, run_new_base, work_new_base
 from core.formats import read_adapter, resolve_modules, write_adapter
 from tests.core.reference_algorithm1 import algorithm1
 
@@ -82,6 +91,8 @@ FULL_MODELS = ("sd15", "llama", "sdxl")
 QUICK_MODELS = ("tiny-unet",)
 FULL_SIZES = ("grid-b2-w1280", "grid-b8-w1280", "grid-b32-w1280", "grid-b8-w640", "grid-b8-w2048")
 QUICK_SIZES = ("grid-b1-w48", "grid-b4-w96")
+NEW_BASE_N = 4  # adapters of a new base's first pass
+QUICK_NEW_BASE_N = 2
 
 
 # --- workers (fresh processes) ----------------------------------------------------------------
@@ -232,15 +243,73 @@ def _files(model: shapes.GeneratedModel, adapters: list[Path]) -> list[Path]:
     return model.weight_files("A") + model.weight_files("B") + [a / PEFT_WEIGHTS for a in adapters]
 
 
+def _run_count(
+    n: int,
+    plan: Plan,
+    adapters: list[Path],
+    alg1_runs: dict[int, dict[str, Any]],
+    base: dict[str, Any],
+    work: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One row of the main table: N adapters, Algorithm 1 (or its estimate) and our three
+    configurations."""
+    alg1_out, factors = work / "alg1", work / "factors"
+    target_files = base.pop("target_files")
+    chosen = [str(a) for a in adapters[:n]]
+    row: dict[str, Any] = {"adapters": n, "ranks": [RANKS[i % len(RANKS)] for i in range(n)]}
+    if n <= plan.alg1_max:
+        print(f"   N={n}: Algorithm 1 ...", flush=True)
+        payload = {"task": "alg1", "adapters": chosen, "out": str(alg1_out), **base}
+        payload["target_files"] = target_files
+        alg1_runs[n] = _summary(measure.run_worker(SCRIPT, threads=args.threads, payload=payload))
+        row["alg1"] = alg1_runs[n]
+        row["alg1_estimated"] = False
+    else:
+        ref = alg1_runs[max(alg1_runs)]
+        estimate = ref["load_s"] + n * ref["median_adapter_s"]
+        row["alg1"] = {"wall_s": round(estimate, 3), "from_measured_n": max(alg1_runs)}
+        row["alg1_estimated"] = True
+    for label in ("service", "cold", "warm"):
+        if label != "warm":
+            shutil.rmtree(factors, ignore_errors=True)
+        print(f"   N={n}: ours ({label}) ...", flush=True)
+        out = work / f"ours-{label}"
+        payload = {"task": "ours", "adapters": chosen, "out": str(out), **base}
+        payload["factor_cache"] = str(factors)
+        payload["prefetch"] = label == "service"
+        row[f"ours_{label}"] = _summary(
+            measure.run_worker(SCRIPT, threads=args.threads, payload=payload)
+        )
+        compared = min(n, max(alg1_runs))
+        row[f"diff_{label}"] = max_relative_difference(out, alg1_out, compared)
+    alg1_wall = row["alg1"]["wall_s"]
+    row["speedup_service"] = alg1_wall / row["ours_service"]["wall_s"]
+    row["speedup_cold"] = alg1_wall / row["ours_cold"]["wall_s"]
+    row["speedup_warm"] = alg1_wall / row["ours_warm"]["wall_s"]
+    row["max_rel_diff"] = max(row[f"diff_{x}"]["max_rel_diff"] for x in LABELS)
+    print(
+        f"   N={n}: Alg1 {alg1_wall:.1f}s{'*' if row['alg1_estimated'] else ''}, "
+        f"cold+factorize {row['ours_service']['wall_s']:.1f}s, "
+        f"cold {row['ours_cold']['wall_s']:.1f}s, warm {row['ours_warm']['wall_s']:.1f}s, "
+        f"x{row['speedup_service']:.1f} / x{row['speedup_cold']:.1f} / "
+        f"x{row['speedup_warm']:.1f}, "
+        f"diff {row['max_rel_diff']:.1e}",
+        flush=True,
+    )
+    return row
+
+
 def run_model(name: str, plan: Plan, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """All configurations of one model."""
     spec = shapes.model_spec(name)
     print(f"== {name}: {spec.description}; {len(spec.modules)} matrices", flush=True)
     model = shapes.generate(spec, cache=args.cache)
-    adapters = shapes.adapter_paths(model, max(plan.counts), RANKS)
+    wanted = max((*plan.counts, plan.alg1_max, args.new_base))
+    adapters = shapes.adapter_paths(model, wanted, RANKS)
     _warm_page_cache(_files(model, adapters))
     work = scratch / name
-    alg1_out, factors = work / "alg1", work / "factors"
+    alg1_out = work / "alg1"
     base = {"source": str(model.base_a), "target": str(model.base_b), "device": args.device}
     rows = []
     alg1_runs: dict[int, dict[str, Any]] = {}
@@ -253,50 +322,15 @@ def run_model(name: str, plan: Plan, args: argparse.Namespace, scratch: Path) ->
         alg1_runs[plan.alg1_max] = _summary(
             measure.run_worker(SCRIPT, threads=args.threads, payload=payload)
         )
+    target_files = [str(f) for f in model.weight_files("B")]
     for n in plan.counts:
-        chosen = [str(a) for a in adapters[:n]]
-        row: dict[str, Any] = {"adapters": n, "ranks": [RANKS[i % len(RANKS)] for i in range(n)]}
-        if n <= plan.alg1_max:
-            print(f"   N={n}: Algorithm 1 ...", flush=True)
-            payload = {"task": "alg1", "adapters": chosen, "out": str(alg1_out), **base}
-            payload["target_files"] = [str(f) for f in model.weight_files("B")]
-            alg1_runs[n] = _summary(
-                measure.run_worker(SCRIPT, threads=args.threads, payload=payload)
-            )
-            row["alg1"] = alg1_runs[n]
-            row["alg1_estimated"] = False
-        else:
-            ref = alg1_runs[max(alg1_runs)]
-            estimate = ref["load_s"] + n * ref["median_adapter_s"]
-            row["alg1"] = {"wall_s": round(estimate, 3), "from_measured_n": max(alg1_runs)}
-            row["alg1_estimated"] = True
-        for label in ("service", "cold", "warm"):
-            if label != "warm":
-                shutil.rmtree(factors, ignore_errors=True)
-            print(f"   N={n}: ours ({label}) ...", flush=True)
-            out = work / f"ours-{label}"
-            payload = {"task": "ours", "adapters": chosen, "out": str(out), **base}
-            payload["factor_cache"] = str(factors)
-            payload["prefetch"] = label == "service"
-            row[f"ours_{label}"] = _summary(
-                measure.run_worker(SCRIPT, threads=args.threads, payload=payload)
-            )
-            compared = min(n, max(alg1_runs))
-            row[f"diff_{label}"] = max_relative_difference(out, alg1_out, compared)
-        alg1_wall = row["alg1"]["wall_s"]
-        row["speedup_service"] = alg1_wall / row["ours_service"]["wall_s"]
-        row["speedup_cold"] = alg1_wall / row["ours_cold"]["wall_s"]
-        row["speedup_warm"] = alg1_wall / row["ours_warm"]["wall_s"]
-        row["max_rel_diff"] = max(row[f"diff_{x}"]["max_rel_diff"] for x in LABELS)
-        rows.append(row)
-        print(
-            f"   N={n}: Alg1 {alg1_wall:.1f}s{'*' if row['alg1_estimated'] else ''}, "
-            f"cold+factorize {row['ours_service']['wall_s']:.1f}s, "
-            f"cold {row['ours_cold']['wall_s']:.1f}s, warm {row['ours_warm']['wall_s']:.1f}s, "
-            f"x{row['speedup_service']:.1f} / x{row['speedup_cold']:.1f} / "
-            f"x{row['speedup_warm']:.1f}, "
-            f"diff {row['max_rel_diff']:.1e}",
-            flush=True,
+        row_base = base | {"target_files": target_files}
+        rows.append(_run_count(n, plan, adapters, alg1_runs, row_base, work, args))
+    section: dict[str, Any] = {}
+    if args.new_base:
+        count = min(args.new_base, max(alg1_runs))
+        section["new_base"] = run_new_base(
+            model, adapters[: args.new_base], alg1_out, count, args, SCRIPT, work
         )
     shutil.rmtree(work, ignore_errors=True)
     return {
@@ -309,51 +343,63 @@ def run_model(name: str, plan: Plan, args: argparse.Namespace, scratch: Path) ->
         "load_average_end": [round(x, 2) for x in measure.load_average()],
         "alg1_runs": {str(n): r for n, r in alg1_runs.items()},
         "rows": rows,
+        **section,
+    }
+
+
+def _size_row(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """One size-table row: Alg1, ours with every target matrix factorized, and the new-base
+    path (randomized assessment of both bases, then the transfer)."""
+    spec = shapes.model_spec(name)
+    print(f"== sizes: {name}", flush=True)
+    model = shapes.generate(spec, cache=args.cache)
+    adapters = shapes.adapter_paths(model, 1, (8,))
+    _warm_page_cache(_files(model, adapters))
+    work = scratch / name
+    base = {"source": str(model.base_a), "target": str(model.base_b), "device": args.device}
+    base["adapters"] = [str(adapters[0])]
+    ours = measure.run_worker(
+        SCRIPT,
+        threads=args.threads,
+        payload={"task": "ours", "out": str(work / "ours"), **base}
+        | {"factor_cache": str(work / "factors"), "prefetch": True},
+    )
+    alg1 = measure.run_worker(
+        SCRIPT,
+        threads=args.threads,
+        payload={"task": "alg1", "out": str(work / "alg1"), **base}
+        | {"target_files": [str(f) for f in model.weight_files("B")]},
+    )
+    caches = {f"cache_{side}": str(work / f"nb-{side}") for side in ("source", "target")}
+    fresh = measure.run_worker(
+        SCRIPT,
+        threads=args.threads,
+        payload={"task": "newbase", "path": "ours", "mode": "project", **base, **caches}
+        | {"out": str(work / "new-base")},
+    )
+    diff = max_relative_difference(work / "ours", work / "alg1", 1)
+    new_diff = compare_outputs(work / "new-base", work / "alg1", 1, alg1=True)
+    m, n = spec.largest
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "model": name,
+        "matrices": len(spec.modules),
+        "largest": [m, n],
+        "model_fp32_mb": round(4 * spec.params / 2**20, 1),
+        "largest_fp32_mb": round(4 * m * n / 2**20, 1),
+        "ours": _summary(ours),
+        "alg1": _summary(alg1),
+        "new_base": fresh,
+        "max_rel_diff": max(diff["max_rel_diff"], new_diff["max_rel_diff"]),
+        "load_average": [round(x, 2) for x in measure.load_average()],
     }
 
 
 def run_sizes(names: tuple[str, ...], args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    """One rank-8 adapter on models of growing size: time and peak RSS, ours (cold cache, every
-    target matrix factorized, as for a base's first transfer in the service) and Alg1."""
-    rows = []
-    for name in names:
-        spec = shapes.model_spec(name)
-        print(f"== sizes: {name}", flush=True)
-        model = shapes.generate(spec, cache=args.cache)
-        adapters = shapes.adapter_paths(model, 1, (8,))
-        _warm_page_cache(_files(model, adapters))
-        work = scratch / name
-        base = {"source": str(model.base_a), "target": str(model.base_b), "device": args.device}
-        chosen = [str(adapters[0])]
-        ours = measure.run_worker(
-            SCRIPT,
-            threads=args.threads,
-            payload={"task": "ours", "adapters": chosen, "out": str(work / "ours"), **base}
-            | {"factor_cache": str(work / "factors"), "prefetch": True},
-        )
-        alg1 = measure.run_worker(
-            SCRIPT,
-            threads=args.threads,
-            payload={"task": "alg1", "adapters": chosen, "out": str(work / "alg1"), **base}
-            | {"target_files": [str(f) for f in model.weight_files("B")]},
-        )
-        diff = max_relative_difference(work / "ours", work / "alg1", 1)
-        m, n = spec.largest
-        rows.append(
-            {
-                "model": name,
-                "matrices": len(spec.modules),
-                "largest": [m, n],
-                "model_fp32_mb": round(4 * spec.params / 2**20, 1),
-                "largest_fp32_mb": round(4 * m * n / 2**20, 1),
-                "ours": _summary(ours),
-                "alg1": _summary(alg1),
-                "max_rel_diff": diff["max_rel_diff"],
-                "load_average": [round(x, 2) for x in measure.load_average()],
-            }
-        )
-        shutil.rmtree(work, ignore_errors=True)
-    return {"rank": 8, "rows": rows}
+    """One rank-8 adapter on models of growing size: time and peak RSS of Alg1, of ours with
+    every target matrix factorized (the old first transfer of a base in the service), and of
+    the new-base path (randomized assessment of both bases plus the transfer)."""
+    return {"rank": 8, "rows": [_size_row(name, args, scratch) for name in names]}
 
 
 def print_tables(result: dict[str, Any]) -> None:
@@ -390,41 +436,72 @@ def print_tables(result: dict[str, Any]) -> None:
              "max rel diff"],
             rows,
         )  # fmt: skip
+    print_new_base(result.get("models", {}))
     sizes = result.get("sizes", {}).get("rows", [])
     if sizes:
         measure.print_table(
-            "Peak memory of one transfer (rank 8, cold cache, every matrix factorized) against "
-            "model size",
+            "Peak memory of one transfer (rank 8, cold cache) against model size: every matrix "
+            "factorized (ours), and a new base's first pass (randomized assessment of both bases "
+            "+ the transfer)",
             ["model", "matrices", "largest", "model fp32 MB", "largest fp32 MB", "ours s",
-             "ours MB", "Alg1 s", "Alg1 MB", "max rel diff"],
+             "ours MB", "new base s", "new base MB", "Alg1 s", "Alg1 MB", "max rel diff"],
             [
                 [
                     r["model"], r["matrices"], "x".join(map(str, r["largest"])),
                     r["model_fp32_mb"], r["largest_fp32_mb"], r["ours"]["wall_s"],
-                    round(r["ours"]["peak_rss_mb"]), r["alg1"]["wall_s"],
-                    round(r["alg1"]["peak_rss_mb"]), f"{r['max_rel_diff']:.1e}",
+                    round(r["ours"]["peak_rss_mb"]),
+                    r.get("new_base", {}).get("wall_s"),
+                    round(r["new_base"]["peak_rss_mb"]) if "new_base" in r else None,
+                    r["alg1"]["wall_s"], round(r["alg1"]["peak_rss_mb"]),
+                    f"{r['max_rel_diff']:.1e}",
                 ]
                 for r in sizes
             ],
         )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, run the configurations, print the tables, write the JSON."""
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, seconds (for tests)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--models", help=f"comma-separated (default {','.join(FULL_MODELS)})")
-    parser.add_argument("--counts", help="comma-separated adapter counts (default per model)")
+    parser.add_argument(
+        "--counts", help="comma-separated adapter counts (default per model; '' for none)"
+    )
     parser.add_argument("--alg1-max", type=int, help="largest N Algorithm 1 runs for")
+    parser.add_argument(
+        "--new-base",
+        type=int,
+        help=f"adapters of the new-base rows (default {NEW_BASE_N}, quick {QUICK_NEW_BASE_N}; "
+        "0 skips them)",
+    )
     parser.add_argument("--sizes", help="comma-separated size-table models ('' to skip)")
     parser.add_argument(
-        "--threads", type=int, help="CPU threads per worker (default: torch's, one per core)"
+        "--threads", type=int, default=1, help="CPU threads per worker (default 1; 0: torch's)"
     )
     parser.add_argument("--cache", type=Path, default=shapes.CACHE, help="generated data")
     parser.add_argument("--out", type=Path, help="results JSON")
     parser.add_argument("--show", action="store_true", help="print the tables of --out and exit")
     args = parser.parse_args(argv)
+    if args.threads == 0:
+        args.threads = None
+    if args.new_base is None:
+        args.new_base = QUICK_NEW_BASE_N if args.quick else NEW_BASE_N
+    return args
+
+
+def _plan(name: str, args: argparse.Namespace) -> Plan:
+    plan = PLANS.get(name, Plan((1, 4, 16, 64), 16))
+    if args.counts is not None:
+        plan = Plan(tuple(int(c) for c in args.counts.split(",") if c), plan.alg1_max)
+    if args.alg1_max is not None:
+        plan = Plan(plan.counts, args.alg1_max)
+    return Plan(plan.counts, max(1, min(plan.alg1_max, max(plan.counts, default=plan.alg1_max))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the configurations, print the tables, write the JSON."""
+    args = _parse(argv)
     device, note = measure.pick_device(args.device)
     models = (
         tuple(args.models.split(","))
@@ -462,13 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result.setdefault("models", {})
         for name in models:
-            plan = PLANS.get(name, Plan((1, 4, 16, 64), 16))
-            if args.counts:
-                plan = Plan(tuple(int(c) for c in args.counts.split(",")), plan.alg1_max)
-            if args.alg1_max is not None:
-                plan = Plan(plan.counts, args.alg1_max)
-            plan = Plan(plan.counts, max(1, min(plan.alg1_max, max(plan.counts))))
-            result["models"][name] = run_model(name, plan, args, scratch)
+            result["models"][name] = run_model(name, _plan(name, args), args, scratch)
             result["models"][name]["command"] = result["command"]  # sections of partial runs
             measure.write_json(out, result)
         if sizes:
@@ -480,6 +551,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        measure.worker_main({"ours": work_ours, "alg1": work_alg1})
+        measure.worker_main({"ours": work_ours, "alg1": work_alg1, "newbase": work_new_base})
     else:
         sys.exit(main())

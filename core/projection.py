@@ -15,7 +15,7 @@ import torch
 
 from core.adapter import AdapterKind, LoraModule
 from core.errors import NonFiniteError
-from core.factors import Factors
+from core.factors import Factors, RangeBasis
 from core.finite import all_finite
 from core.kinds import PLAIN_LORA, SIGN_RISK, KindStrategy, strategy_for
 from core.modes import ModuleNeeds, Pair, TransferMode, copy, needs, project, reshaped, subspace
@@ -90,11 +90,16 @@ def module_needs(
 
 Carried = tuple[Pair, int, tuple[str, ...]]
 """(the carried update, the rank of the bases used, notes)."""
-Carrier = Callable[[LoraModule, KindStrategy, Factors | None, Factors | None, int | None], Carried]
+Target = Factors | RangeBasis | None
+"""What a carrier reads of the target base: factors, a range basis (project mode at full rank)
+or nothing."""
+Carrier = Callable[[LoraModule, KindStrategy, Factors | None, Target, int | None], Carried]
 
 
-def _need(factors: Factors | None, k: int, name: str) -> Factors:
+def _need(factors: Factors | RangeBasis | None, k: int, name: str) -> Factors:
     assert factors is not None
+    if isinstance(factors, RangeBasis):
+        raise ValueError(f"module {name}: a range basis serves project mode at full rank only")
     if factors.rank < k:
         raise ValueError(f"module {name}: factors hold {factors.rank} triplets, {k} are needed")
     return factors
@@ -104,7 +109,7 @@ def _carry_project(
     module: LoraModule,
     strategy: KindStrategy,
     source: Factors | None,
-    target: Factors | None,
+    target: Target,
     rank: int | None,
 ) -> Carried:
     pair = strategy.pair(module, source)
@@ -112,7 +117,10 @@ def _carry_project(
         return pair, min(module.shape), ()
     m, n = target.shape
     k = min(m, n) if rank is None else min(rank, m, n)
-    _need(target, k, module.name)
+    if isinstance(target, RangeBasis) and k == target.rank:  # Algorithm 1 from a QR basis
+        up, down = target.project_up(pair.up.float()), target.project_down(pair.down.float())
+        return Pair(up, down, pair.scale), k, ()
+    target = _need(target, k, module.name)
     left = target.U[:, :k] if k < m else None
     right = target.V[:, :k] if k < n else None
     return project(pair, left, right), k, ()
@@ -122,12 +130,12 @@ def _carry_reshaped(
     module: LoraModule,
     strategy: KindStrategy,
     source: Factors | None,
-    target: Factors | None,
+    target: Target,
     rank: int | None,
 ) -> Carried:
     assert source is not None and target is not None
     pair = strategy.pair(module, source)
-    cap = min(target.full_rank, source.full_rank)
+    cap = min(min(target.shape), source.full_rank)
     k = cap if rank is None else min(rank, cap)
     return reshaped(pair, _need(source, k, module.name), _need(target, k, module.name), k), k, ()
 
@@ -136,7 +144,7 @@ def _carry_subspace(
     module: LoraModule,
     strategy: KindStrategy,
     source: Factors | None,
-    target: Factors | None,
+    target: Target,
     rank: int | None,
 ) -> Carried:
     assert target is not None
@@ -150,7 +158,7 @@ def _carry_copy(
     module: LoraModule,
     strategy: KindStrategy,
     source: Factors | None,
-    target: Factors | None,
+    target: Target,
     rank: int | None,
 ) -> Carried:
     assert target is not None
@@ -185,7 +193,7 @@ def _shape_notes(
 
 def transfer_module(
     module: LoraModule,
-    target: Factors | None,
+    target: Factors | RangeBasis | None,
     source: Factors | None = None,
     *,
     mode: TransferMode | str = TransferMode.PROJECT,
@@ -196,8 +204,10 @@ def transfer_module(
 
     Args:
         module: the adapter module on the source base, (m, n), rank r.
-        target: factors of the target weight (m', n'); None where :func:`module_needs` says
-            none are read (the module is then returned as it is).
+        target: factors of the target weight (m', n'); a :class:`RangeBasis` of it where
+            :func:`module_needs` says any basis of the range serves (project mode at full rank:
+            exactly Algorithm 1's projector); None where it says none are read (the module is
+            then returned as it is).
         source: factors of the source weight, where :func:`module_needs` asks for them (a
             different shape, a compact module, copy mode without a known dS).
         mode: :class:`TransferMode`.

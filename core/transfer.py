@@ -8,9 +8,11 @@ reaches no target module is named in the result with its reason. Each carried up
 which is the paper's Algorithm 1). A target fed by several source modules receives the weighted
 sum of their carried updates, as one LoRA of the summed rank.
 
-Factors are read only where :func:`core.projection.module_needs` says so: target factors
-streamed in shape-batches from a :class:`FactorStore` (or taken from a mapping), source factors
-for a different shape, a compact LoRA-X, or copy mode without a known dS.
+Factors are read only where :func:`core.projection.module_needs` says so, and only what serves
+(:mod:`core.factor_bank`): of the target, streamed in shape-batches from a :class:`FactorStore`
+(or taken from a mapping), a range basis (one QR) for a rectangular module in project mode at
+full rank, the exact leading r triplets in subspace and copy modes; of the source, the leading
+triplets for a different shape, a compact LoRA-X, or copy mode without a known dS.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from core.factor_bank import (
     bank_shape,
     bank_store,
     bank_weight,
-    stream_factors,
+    merge_needs,
+    stream_for_needs,
 )
 from core.factorize import FactorStore
-from core.factors import Factors
+from core.factors import Factors, RangeBasis
 from core.kinds import strategy_for
-from core.modes import TransferMode
+from core.modes import BaseNeed, TransferMode
 from core.projection import ModuleTransfer, module_needs, transfer_module
 from core.transfer_plan import OUTSIDE_ASSESSED, LeftOut, Planned, check_adapter, plan_targets
 
@@ -156,7 +159,7 @@ class _Carrier:
         self.results: dict[tuple[str, str], ModuleTransfer] = {}
         self.digests: dict[str, str] = {}
 
-    def one(self, name: str, src: str, t_factors: Factors | None) -> None:
+    def one(self, name: str, src: str, t_factors: Factors | RangeBasis | None) -> None:
         module = self.adapter.modules[src]
         shape = t_factors.shape if t_factors is not None else bank_shape(self.target, name)
         assert shape is not None
@@ -174,8 +177,9 @@ class _Carrier:
 
     def run(self, planned: Sequence[Planned]) -> None:
         """Square modules at full rank in project mode first (no target factors read or
-        computed), then the rest with target factors streamed in batches."""
-        ranks: dict[str, list[int | None]] = {}
+        computed), then the rest with what each needs of the target streamed in batches: a
+        range basis (project mode at full rank), the exact leading triplets, or all of them."""
+        needs: dict[str, list[BaseNeed]] = {}
         for p in planned:
             shape = bank_shape(self.target, p.target)
             assert shape is not None  # _plan kept only targets the bank has
@@ -185,13 +189,10 @@ class _Carrier:
                 if need is None:
                     self.one(p.target, src, None)
                 else:
-                    ranks.setdefault(p.target, []).append(need.rank)
-        wanted = {
-            name: None if None in rs else max(r for r in rs if r is not None)
-            for name, rs in ranks.items()
-        }
+                    needs.setdefault(p.target, []).append(need)
+        wanted = {name: merge_needs(ns) for name, ns in needs.items()}
         sources = {p.target: p.sources for p in planned}
-        for name, t_factors in stream_factors(self.target, wanted):
+        for name, t_factors in stream_for_needs(self.target, wanted):
             for src, _ in sources[name]:
                 if (name, src) not in self.results:
                     self.one(name, src, t_factors)

@@ -282,6 +282,20 @@ class Settings(BaseSettings):
         "not at scratch_dir.",
     )
 
+    # --- factorization and its cache ----------------------------------------------------
+    assessment_factors: Literal["randomized", "exact"] = Field(
+        "randomized",
+        description="Factors of assessments: randomized top-k (block Krylov; on trained weights "
+        "every similarity within 1e-3 of exact, several times faster) or exact (a full SVD, "
+        "keeping only the top triplets).",
+    )
+    cache_max_gb: float = Field(
+        40.0,
+        ge=0,
+        description="Size cap of the factorization cache in GB (10^9 bytes): the least "
+        "recently used entries are evicted beyond it; 0: no cap.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _derive_defaults(cls, data: Any) -> Any:
@@ -320,6 +334,11 @@ class Settings(BaseSettings):
                 f"({self.max_atc})"
             )
         return self
+
+    @property
+    def cache_max_bytes(self) -> int | None:
+        """The factor cache's size cap in bytes (None: no cap), for ``FactorCache(max_bytes=)``."""
+        return None if self.cache_max_gb == 0 else int(self.cache_max_gb * 1e9)
 
     @classmethod
     def settings_customise_sources(

@@ -59,10 +59,30 @@ def test_transfer_speed_quick(tmp_path: Path) -> None:
     # module at full rank needs no factors); none when warm (the cache works)
     service, cold, warm = (rows[0][f"ours_{x}"] for x in ("service", "cold", "warm"))
     assert service["factorized"] > cold["factorized"] > 0 and warm["factorized"] == 0
+    # a new base's first pass: today (full SVD of both bases) against ours, project and subspace
+    new = result["models"]["tiny-unet"]["new_base"]
+    assert new["adapters"] == 2 and new["k"] == 32
+    today, project, subspace = (new["runs"][x] for x in ("today", "project", "subspace"))
+    for run in (today, project, subspace):
+        assert _finite(run["wall_s"], run["assess_s"], run["peak_rss_mb"], run["cache_target_mb"])
+        assert run["decisions"] == ["same_name"]
+    assert today["factorized"]["target"]["exact"] > 0 == today["factorized"]["target"]["basis"]
+    assert project["factorized"]["target"]["exact"] == 0  # no SVD of the new base ...
+    assert project["factorized"]["target"]["basis"] > 0  # ... a QR of its rectangular modules
+    assert project["factorized"]["source"]["randomized"] > 0
+    # subspace mode: exact leading triplets, no QR (on toy widths the assessment's own factors
+    # are exact already: k x 7 >= p falls back to the exact SVD, and they serve the transfer)
+    assert subspace["factorized"]["target"]["basis"] == 0
+    assert project["cache_target_mb"] < today["cache_target_mb"]
+    assert _finite(new["speedup_project"], new["speedup_subspace"])
+    for key in ("project_vs_alg1", "today_vs_alg1", "project_vs_today", "subspace_vs_exact"):
+        assert new["diff"][key]["modules_compared"] > 0
+        assert new["diff"][key]["max_rel_diff"] <= MAX_REL_DIFF, key
     sizes = result["sizes"]["rows"]
     assert [r["model"] for r in sizes] == ["grid-b1-w48", "grid-b4-w96"]
     for r in sizes:
         assert _finite(r["ours"]["peak_rss_mb"], r["alg1"]["peak_rss_mb"], r["max_rel_diff"])
+        assert _finite(r["new_base"]["peak_rss_mb"], r["new_base"]["wall_s"])
         assert r["max_rel_diff"] <= MAX_REL_DIFF
 
 
@@ -88,6 +108,44 @@ def test_atc_scale_quick(tmp_path: Path) -> None:
         assert _finite(error["max_abs_err"], error["mean_abs_err_left"], error["atc_abs_err"])
         assert 0.0 <= error["max_abs_err"] <= 1.0
         assert error["pairs_left"] > 0 and error["pairs_right"] > 0
+
+
+@pytest.mark.slow
+def test_randomized_settings_quick(tmp_path: Path) -> None:
+    result = _run("randomized_settings", tmp_path)
+    before, default = result["settings"]
+    assert "before" in before and "default" in default
+    for row in result["cost"].values():
+        assert _finite(row["exact_s"], row[default]["s"], row[default]["x_exact"])
+        assert row[default]["max_psi_err"] < row[before]["max_psi_err"]
+    pristine = result["accuracy"]["minilm->pristine"]  # the real weights (suite dependencies)
+    assert pristine[default]["max_psi_err"] < 1e-3 < pristine[before]["max_psi_err"]
+    assert pristine[default]["atc_err"] < 1e-3
+    assert _finite(*result["accuracy"]["minilm->random-init"][default].values())
+
+
+@pytest.mark.slow
+def test_registry_scale_quick(tmp_path: Path) -> None:
+    result = _run("registry_scale", tmp_path)
+    assert result["quick"] is True
+    (section,) = result["registries"]
+    assert section["share"] == 0.5
+    rows = section["rows"]
+    assert [r["size"] for r in rows] == [20, 40]
+    for r in rows:
+        assert r["counts"]["ours"] + r["counts"]["others"] == r["size"]
+        assert r["counts"]["others"] > 0  # other teams' versions are in the registry too
+        daemon = r["daemon"]
+        assert len(daemon["idle_s"]) == 2 and _finite(*daemon["idle_s"], daemon["first_pass_s"])
+        assert daemon["seen"]["adapters"] == r["counts"]["ours"] - 1  # all but the base big/1
+        assert daemon["baseline"]["versions"] == r["size"]
+        assert _finite(daemon["peak_rss_mb"], *daemon["rss_mb"], r["idle_over_listing"])
+        (tick,) = r["ticks"]
+        assert tick["jobs"] == 0 and _finite(tick["wall_s"], tick["peak_rss_mb"])
+    drain = rows[-1]["daemon"]["drain"]  # two adapters of enc/1 carried onto enc/2
+    assert drain["planned"] == 2 and drain["outcomes"] == {"succeeded": 2}
+    assert _finite(drain["pass_s"], drain["rss_start_mb"], drain["rss_end_mb"])
+    assert "drain" not in rows[0]["daemon"]
 
 
 @pytest.mark.slow

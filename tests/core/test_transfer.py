@@ -326,6 +326,7 @@ def test_square_modules_at_full_rank_need_no_target_factors(tmp_path: Path) -> N
     result = transfer_adapter(adapter_of(modules), source, target, mode="project")
     rectangular = [name for name, (m, n) in SHAPES.items() if m != n]
     assert target.computed == len(rectangular) and source.computed == 0
+    assert target.computed_by_kind["basis"] == len(rectangular)  # one QR each, no SVD
     ref_lora = {}
     for mod in modules:
         ref_lora[f"{mod.name}.lora.up.weight"] = mod.up

@@ -98,3 +98,18 @@ def test_bad_configuration_is_one_clear_error(tmp_path: Path) -> None:
         load_settings(database_url="jobs.db")
     with pytest.raises(ValidationError, match=r"unknown_setting|extra"):
         load_settings(unknown_setting=1)
+
+
+def test_factorization_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    s = load_settings(data_dir=tmp_path)
+    assert s.assessment_factors == "randomized"
+    assert s.cache_max_gb == 40.0 and s.cache_max_bytes == 40_000_000_000
+    monkeypatch.setenv("MIGRATOR_CACHE_MAX_GB", "1.5")
+    monkeypatch.setenv("MIGRATOR_ASSESSMENT_FACTORS", "exact")
+    s = load_settings(data_dir=tmp_path)
+    assert (s.assessment_factors, s.cache_max_bytes) == ("exact", 1_500_000_000)
+    assert load_settings(data_dir=tmp_path, cache_max_gb=0).cache_max_bytes is None  # no cap
+    with pytest.raises(ValidationError, match="cache_max_gb"):
+        load_settings(data_dir=tmp_path, cache_max_gb=-1)
+    with pytest.raises(ValidationError, match="assessment_factors"):
+        load_settings(data_dir=tmp_path, assessment_factors="power")
