@@ -1,0 +1,101 @@
+"""What the service records reads right: every successor of a base, one vocabulary for module
+decisions, the current state of a job beside what the policy said, published file modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import find_base_version, migrations, session_scope
+from migrator.database import ensure_sqlite_parent
+from migrator.pipeline import Context, run_once
+from migrator.registry import Registry, Tag
+from migrator.registry.memory import MemoryRegistry
+from migrator.registry.mlflow_registry import MlflowRegistry
+from migrator.settings import load_settings
+from migrator.wiring import build_context
+from tests.fixtures.mlflow import MlflowStore
+from tests.migrator.scenario import Story, base_weights, register, successor, write_weights
+
+
+def _context(tmp_path: Path, registry: Registry, **settings: object) -> Context:
+    s = load_settings(
+        data_dir=tmp_path / "data",
+        tracking_uri="sqlite:///unused.db",
+        similarity_rank=8,
+        **settings,
+    )
+    ensure_sqlite_parent(s.database_url.get_secret_value())
+    migrations.upgrade(s.database_url.get_secret_value())
+    return build_context(s, registry)
+
+
+def _shifted(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A depth-pruned successor: layer 1 of ``weights`` kept as its only layer (layer 0)."""
+    return {
+        k.replace("encoder.layer.1.", "encoder.layer.0."): v
+        for k, v in weights.items()
+        if not k.startswith("encoder.layer.0.")
+    }
+
+
+def test_a_base_superseded_by_several_versions_names_every_one(tmp_path: Path) -> None:
+    registry = MemoryRegistry(tmp_path / "registry")
+    ctx = _context(tmp_path, registry)
+    story = Story(tmp_path / "story", registry)
+    story.register_v1_with_adapters()
+    v1 = story.refs["v1"]
+    register(
+        registry, "enc", write_weights(tmp_path / "v2", successor(story.v1)), {Tag.ROLE: "base"}
+    )
+    for name, seed in (("enc-zeta", 7), ("enc-alpha", 8)):
+        files = write_weights(tmp_path / name, base_weights(seed))
+        register(registry, name, files, {Tag.ROLE: "base", Tag.SUPERSEDES: str(v1)})
+    run_once(ctx)
+    expected = "enc/2,enc-alpha/1,enc-zeta/1"  # every successor, by name then version
+    assert registry.get_version(v1).tags[Tag.SUPERSEDED_BY] == expected
+    with session_scope(ctx.sessions) as session:
+        row = find_base_version(v1.name, v1.version, session=session)
+        assert row is not None and row.superseded_by == expected
+
+    # A successor registered later is added; the earlier ones stay.
+    files = write_weights(tmp_path / "late", base_weights(9))
+    register(registry, "enc-late", files, {Tag.ROLE: "base", Tag.SUPERSEDES: str(v1)})
+    run_once(ctx)
+    later = "enc/2,enc-alpha/1,enc-late/1,enc-zeta/1"
+    assert registry.get_version(v1).tags[Tag.SUPERSEDED_BY] == later
+    with session_scope(ctx.sessions) as session:
+        row = find_base_version(v1.name, v1.version, session=session)
+        assert row is not None and row.superseded_by == later
+
+
+def test_registered_adapter_files_are_world_readable(
+    tmp_path: Path, mlflow_store: MlflowStore
+) -> None:
+    previous = os.umask(0o022)
+    try:
+        registry = MlflowRegistry(mlflow_store.uri, artifact_root=mlflow_store.artifact_root)
+        ctx = _context(tmp_path, registry)
+        story = Story(tmp_path / "story", registry)
+        story.register_v1_with_adapters()
+        story.register_successors()
+        report = run_once(ctx)
+    finally:
+        os.umask(previous)
+    assert any(o.result_ref for o in report.outcomes)
+    published = [
+        p
+        for p in (mlflow_store.root / "artifacts").rglob("*.safetensors")
+        if "adapter" in p.parts  # the migration runs' adapter folders
+    ]
+    assert published, "no adapter file in the artifact store"
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in published} == {"0o644"}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
