@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from migrator.documents import ModuleCounts
 
 __all__ = ["TransferSummary", "plot_similarity", "version_description"]
 
@@ -97,9 +100,7 @@ class TransferSummary:
     atc_right: float
     mode: str
     energy_retained: float
-    modules_transferred: int
-    modules_rematched: int
-    modules_skipped: int
+    counts: ModuleCounts
     approved_by: str
     is_lorax: bool
     notes: tuple[str, ...] = ()
@@ -127,8 +128,7 @@ def version_description(s: TransferSummary) -> str:
         f"| ATC (left / right) | {s.atc:.3f} ({s.atc_left:.3f} / {s.atc_right:.3f}) |",
         f"| mode | {s.mode} |",
         f"| energy retained | {s.energy_retained:.1%} |",
-        f"| modules same-name / rematched / skipped | {s.modules_transferred} / "
-        f"{s.modules_rematched} / {s.modules_skipped} |",
+        *(f"| {label} | {value} |" for label, value in s.counts.rows()),
         f"| approved by | {s.approved_by} |",
     ]
     notes = list(s.notes)

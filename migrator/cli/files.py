@@ -27,6 +27,7 @@ from migrator.settings import Settings
 if TYPE_CHECKING:
     from migrator.adapters import CarriedAdapter
     from migrator.bases import BaseComparison, OpenedBase, ProgressFn
+    from migrator.documents import ModuleCounts
 
 __all__ = ["atc_command", "transfer_command"]
 
@@ -66,7 +67,7 @@ def _open(spec: str, settings: Settings, progress: ProgressFn | None) -> OpenedB
 
 
 def _atc_document(comparison: BaseComparison, src: str, tgt: str) -> dict[str, Any]:
-    from migrator.documents import decision_document
+    from migrator.documents import ModuleCounts, decision_document
 
     atc = comparison.atc
     return {
@@ -79,16 +80,16 @@ def _atc_document(comparison: BaseComparison, src: str, tgt: str) -> dict[str, A
         "target": tgt,
         "seconds": round(comparison.seconds, 3),
         "modules": [decision_document(d) for d in comparison.decisions],
+        "module_counts": ModuleCounts.of_decisions(comparison.decisions).document(),
     }
 
 
-def _print_atc(document: dict[str, Any], counts: dict[str, int], plot: Path | None) -> None:
+def _print_atc(document: dict[str, Any], counts: ModuleCounts, plot: Path | None) -> None:
     decisions_table(f"{document['source']} -> {document['target']}", document["modules"])
     out.print(
         f"ATC [bold]{document['atc']:.3f}[/] (left {document['atc_left']:.3f}, right "
-        f"{document['atc_right']:.3f}; k = {document['similarity_rank']}); modules: "
-        f"{counts['same_name']} same name, {counts['rematched']} rematched, "
-        f"{counts['skipped']} skipped" + (f"; heatmap: {plot}" if plot else "")
+        f"{document['atc_right']:.3f}; k = {document['similarity_rank']}); {counts.text()}"
+        + (f"; heatmap: {plot}" if plot else "")
     )
 
 
@@ -123,18 +124,24 @@ def atc_command(
     if as_json:
         emit_json(document)
     else:
-        _print_atc(document, comparison.counts, plot)
+        from migrator.documents import ModuleCounts
+
+        _print_atc(document, ModuleCounts.of_decisions(comparison.decisions), plot)
 
 
 def _transfer_document(
     carried: CarriedAdapter, comparison: BaseComparison | None, files: list[Path]
 ) -> dict[str, Any]:
+    from migrator.documents import ModuleCounts
+
     result = carried.result
     atc = None if comparison is None else comparison.atc
+    counts = ModuleCounts.of_transfer(result, None if comparison is None else comparison.decisions)
     return {
         "modules_transferred": result.modules_transferred,
         "modules_rematched": result.modules_rematched,
         "modules_skipped": result.modules_skipped,
+        "module_counts": counts.document(),
         "energy_retained": result.energy_retained,
         "atc": None if atc is None else atc.atc,
         "atc_left": None if atc is None else atc.atc_left,
@@ -149,14 +156,14 @@ def _transfer_document(
 
 
 def _print_transfer(document: dict[str, Any], title: str) -> None:
+    c = document["module_counts"]
     table(
         title,
-        ["modules transferred", "rematched", "skipped", "energy retained", "ATC"],
+        ["target modules: same name / rematched / skipped", "left out", "energy", "ATC"],
         [
             [
-                document["modules_transferred"],
-                document["modules_rematched"],
-                document["modules_skipped"],
+                f"{c['target_same_name']} / {c['target_rematched']} / {c['target_skipped']}",
+                f"{c['adapter_left_out']} of {c['adapter_modules']}",
                 f"{document['energy_retained']:.1%}",
                 fmt_atc(document["atc"]),
             ]

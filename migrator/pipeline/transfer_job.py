@@ -26,7 +26,7 @@ from core.decisions import ModuleDecision
 from core.errors import InputError
 from core.transfer import TransferResult
 from migrator.adapters import carry_adapter, load_adapter, single_file_of, write_carried
-from migrator.documents import module_map
+from migrator.documents import ModuleCounts, module_map
 from migrator.pipeline.context import Workspace, crash_point
 from migrator.registry import ModelVersionInfo, Registry, RunInfo, Tag, VersionRef
 from migrator.reports import TransferSummary, version_description
@@ -213,6 +213,7 @@ def _metrics(approved: ApprovedAssessment, result: TransferResult) -> dict[str, 
         "modules_transferred": result.modules_transferred,
         "modules_rematched": result.modules_rematched,
         "modules_skipped": result.modules_skipped,
+        **ModuleCounts.of_transfer(result, approved.decisions).metrics(),
     }
 
 
@@ -254,9 +255,7 @@ def _register(
         atc_right=approved.atc_right,
         mode=result.mode.value,
         energy_retained=result.energy_retained,
-        modules_transferred=result.modules_transferred,
-        modules_rematched=result.modules_rematched,
-        modules_skipped=result.modules_skipped,
+        counts=ModuleCounts.of_transfer(result, approved.decisions),
         approved_by=request.approved_by,
         is_lorax=result.is_lorax,
         notes=tuple(result.notes),

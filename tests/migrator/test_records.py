@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from db import find_base_version, migrations, session_scope
+from db import find_base_version, get_job, migrations, session_scope
 from migrator.database import ensure_sqlite_parent
 from migrator.pipeline import Context, run_once
-from migrator.registry import Registry, Tag
+from migrator.registry import Registry, Tag, VersionRef
 from migrator.registry.memory import MemoryRegistry
 from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import load_settings
@@ -71,6 +71,40 @@ def test_a_base_superseded_by_several_versions_names_every_one(tmp_path: Path) -
     with session_scope(ctx.sessions) as session:
         row = find_base_version(v1.name, v1.version, session=session)
         assert row is not None and row.superseded_by == later
+
+
+def test_the_description_counts_modules_as_atc_does(tmp_path: Path) -> None:
+    """Target modules same name / rematched / skipped, as the assessment decided them; adapter
+    modules left out, separately (the pruned base takes half the adapter)."""
+    from migrator.documents import ModuleCounts
+
+    registry = MemoryRegistry(tmp_path / "registry")
+    ctx = _context(tmp_path, registry, auto_approve_atc=0.7, max_atc=0.9)
+    story = Story(tmp_path / "story", registry)
+    story.register_v1_with_adapters()
+    pruned = write_weights(tmp_path / "half", _shifted(story.v1))
+    register(
+        registry, "enc-half", pruned, {Tag.ROLE: "base", Tag.SUPERSEDES: str(story.refs["v1"])}
+    )
+    report = run_once(ctx)
+    styled = next(o for o in report.outcomes if "styleA" in (o.result_ref or ""))
+    version = registry.get_version(VersionRef.parse(styled.result_ref or ""))
+    with session_scope(ctx.sessions) as session:
+        job = get_job(styled.job_id, session=session)
+        assert job.assessment is not None
+        decisions = [p.decision for p in job.assessment.module_pairs]
+    assessed = {d: decisions.count(d) for d in ("same_name", "rematched", "skipped")}
+    assert assessed == {"same_name": 0, "rematched": 4, "skipped": 0}, assessed
+    counts = ModuleCounts(same_name=0, rematched=4, skipped=0, left_out=4, adapter_modules=8)
+    for label, value in counts.rows():
+        assert f"| {label} | {value} |" in version.description, version.description
+    run = next(r for r in registry.runs.values() if r["job"] == str(styled.job_id))
+    metrics = run["metrics"]
+    assert isinstance(metrics, dict)
+    assert metrics["target_modules_same_name"] == 0
+    assert metrics["target_modules_rematched"] == 4
+    assert metrics["target_modules_skipped"] == 0
+    assert metrics["adapter_modules_left_out"] == 4
 
 
 def test_registered_adapter_files_are_world_readable(
