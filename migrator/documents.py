@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModuleCounts",
+    "current_decision",
     "decision_document",
     "decision_from_row",
     "decision_row",
@@ -204,11 +205,29 @@ def module_map(
     return rows
 
 
+#: Audit actions that decide whether a job may run (retries only run it again).
+_DECIDING_ACTIONS = frozenset({"approve", "reject", "force", "policy"})
+
+
+def current_decision(job: TransferJob) -> tuple[str | None, str | None, Any]:
+    """The decision in force on a job and who took it: (approved | pending_approval |
+    rejected | skipped, actor, when), from its last deciding audit row; Nones before any."""
+    for event in reversed(job.audit_events):
+        if event.action.value in _DECIDING_ACTIONS:
+            return event.to_status.value, event.actor, event.at
+    return None, None, None
+
+
 def job_document(job: TransferJob, **extra: Any) -> dict[str, Any]:
-    """A transfer job: its state, what the policy said, attempts, lease and result."""
+    """A transfer job: its state, the decision in force (and who took it) beside what the
+    policy said, attempts, lease and result."""
+    decision, decided_by, decided_at = current_decision(job)
     doc: dict[str, Any] = {
         "id": job.id,
         "status": job.status.value,
+        "decision": decision,
+        "decided_by": decided_by,
+        "decided_at": decided_at,
         "adapter": job.adapter_version.ref,
         "source_base": job.source_base.ref,
         "target_base": job.target_base.ref,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from db import find_base_version, get_job, migrations, session_scope
+from db import JobStatus, approve, find_base_version, get_job, list_jobs, migrations, session_scope
 from migrator.database import ensure_sqlite_parent
 from migrator.pipeline import Context, run_once
 from migrator.registry import Registry, Tag, VersionRef
@@ -105,6 +105,28 @@ def test_the_description_counts_modules_as_atc_does(tmp_path: Path) -> None:
     assert metrics["target_modules_rematched"] == 4
     assert metrics["target_modules_skipped"] == 0
     assert metrics["adapter_modules_left_out"] == 4
+
+
+def test_an_approved_job_shows_its_state_and_what_the_policy_said(tmp_path: Path) -> None:
+    from migrator.cli.service import job_row
+    from migrator.documents import job_document
+
+    registry = MemoryRegistry(tmp_path / "registry")
+    ctx = _context(tmp_path, registry, auto_approve_atc=0.0)
+    story = Story(tmp_path / "story", registry)
+    story.register_v1_with_adapters()
+    story.register_successors()
+    run_once(ctx, execute=False)
+    with session_scope(ctx.sessions) as session:
+        pending = list_jobs(session=session, statuses=[JobStatus.PENDING_APPROVAL])[0]
+        approve(pending.id, "alice", "checked the heatmap", session=session)
+    with session_scope(ctx.sessions) as session:
+        job = get_job(pending.id, session=session)
+        row, doc = job_row(job), job_document(job)
+    assert row["status"] == doc["status"] == "approved"
+    assert row["decision"] == doc["decision"] == "approved"
+    assert row["decided_by"] == doc["decided_by"] == "alice"
+    assert row["policy_decision"] == doc["policy_decision"] == "pending_approval"
 
 
 def test_registered_adapter_files_are_world_readable(
