@@ -18,8 +18,10 @@ from sqlalchemy.orm import Session
 from db import (
     BaseModelVersion,
     BaseStatus,
+    JobStatus,
     apply_policy_decision,
     claim,
+    count_by_status,
     deprecate_base,
     find_adapter_version,
     find_base_version,
@@ -211,6 +213,9 @@ def _assessment_row(pair: PairATC) -> dict[str, object]:
 def execute_runnable(ctx: Context, report: TickReport) -> None:
     """Claim approved jobs in batches and execute them until none is left or a stop is asked."""
     s = ctx.settings
+    with session_scope(ctx.sessions) as session:
+        runnable = count_by_status(session=session)[JobStatus.APPROVED]
+    done = 0
     while not ctx.stop.requested:
         with session_scope(ctx.sessions) as session:
             ids = [
@@ -222,6 +227,8 @@ def execute_runnable(ctx: Context, report: TickReport) -> None:
         if not ids:
             return
         report.outcomes.extend(ctx.executor.run(ctx, ids))
+        done += len(ids)
+        ctx.count("transferring", done, max(runnable, done))
 
 
 def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> TickReport:
