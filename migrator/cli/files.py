@@ -11,23 +11,25 @@ from core.errors import InputError
 from core.vocabulary import TransferMode
 from migrator.cli.common import (
     EXIT_BAD_INPUT,
+    JSON_OPTION,
+    WIDE_OPTION,
     decisions_table,
     emit_json,
     fail,
+    fields,
     fmt_atc,
     guarded,
     out,
     progress_bar,
     state,
-    table,
 )
 from migrator.registry import Tag, VersionRef
-from migrator.settings import Settings
 
 if TYPE_CHECKING:
     from migrator.adapters import CarriedAdapter
     from migrator.bases import BaseComparison, OpenedBase, ProgressFn
     from migrator.documents import ModuleCounts
+    from migrator.settings import Settings
 
 __all__ = ["atc_command", "transfer_command"]
 
@@ -48,6 +50,22 @@ def _download(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str 
     dest = settings.scratch_dir / "cli" / kind / ref.name / ref.version
     local = registry.download(ref, dest)
     return local, str(ref), info.tags.get(Tag.WEIGHTS_PATH) or None
+
+
+def _check_spec(spec: str) -> None:
+    """Refuse a missing file or a malformed ``models:/`` reference before anything heavy is
+    imported, so that bad input answers at once.
+
+    Raises:
+        InputError: naming the path or reference.
+    """
+    if spec.startswith("models:/"):
+        try:
+            VersionRef.parse(spec)
+        except ValueError as exc:
+            raise InputError(str(exc), path=spec) from None
+    elif not Path(spec).exists():
+        raise InputError("no such file or folder", path=spec)
 
 
 def _local(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str | None]:
@@ -84,8 +102,11 @@ def _atc_document(comparison: BaseComparison, src: str, tgt: str) -> dict[str, A
     }
 
 
-def _print_atc(document: dict[str, Any], counts: ModuleCounts, plot: Path | None) -> None:
-    decisions_table(f"{document['source']} -> {document['target']}", document["modules"])
+def _print_atc(
+    document: dict[str, Any], counts: ModuleCounts, plot: Path | None, *, wide: bool
+) -> None:
+    title = f"{document['source']} -> {document['target']}"
+    decisions_table(title, document["modules"], wide=wide)
     out.print(
         f"ATC [bold]{document['atc']:.3f}[/] (left {document['atc_left']:.3f}, right "
         f"{document['atc_right']:.3f}; k = {document['similarity_rank']}); {counts.text()}"
@@ -105,9 +126,12 @@ def atc_command(
     rank: int | None = typer.Option(
         None, "--rank", "-k", help="Similarity rank k (default: the similarity_rank setting)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    as_json: bool = JSON_OPTION,
+    wide: bool = WIDE_OPTION,
 ) -> None:
     """Adapter Transferability Cost of SOURCE -> TARGET, with every module's match."""
+    for spec in (source, target):
+        _check_spec(spec)
     from migrator.bases import compare_bases
 
     settings = state.settings()
@@ -126,7 +150,7 @@ def atc_command(
     else:
         from migrator.documents import ModuleCounts
 
-        _print_atc(document, ModuleCounts.of_decisions(comparison.decisions), plot)
+        _print_atc(document, ModuleCounts.of_decisions(comparison.decisions), plot, wide=wide)
 
 
 def _transfer_document(
@@ -157,16 +181,16 @@ def _transfer_document(
 
 def _print_transfer(document: dict[str, Any], title: str) -> None:
     c = document["module_counts"]
-    table(
+    fields(
         title,
-        ["target modules: same name / rematched / skipped", "left out", "energy", "ATC"],
         [
-            [
+            (
+                "target modules: same name / rematched / skipped",
                 f"{c['target_same_name']} / {c['target_rematched']} / {c['target_skipped']}",
-                f"{c['adapter_left_out']} of {c['adapter_modules']}",
-                f"{document['energy_retained']:.1%}",
-                fmt_atc(document["atc"]),
-            ]
+            ),
+            ("adapter modules left out", f"{c['adapter_left_out']} of {c['adapter_modules']}"),
+            ("energy retained", f"{document['energy_retained']:.1%}"),
+            ("ATC", fmt_atc(document["atc"])),
         ],
     )
     for note in document["notes"]:
@@ -206,11 +230,13 @@ def transfer_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Carry ADAPTER from base --from to base --to, training-free; write it in its own layout."""
+    if mode not in {m.value for m in TransferMode}:
+        fail(f"--mode must be one of {MODES}, not {mode!r}", EXIT_BAD_INPUT)
+    for spec in (adapter, source, target):
+        _check_spec(spec)
     from migrator.adapters import carry_adapter, load_adapter, single_file_of, write_carried
     from migrator.bases import compare_bases
 
-    if mode not in {m.value for m in TransferMode}:
-        fail(f"--mode must be one of {MODES}, not {mode!r}", EXIT_BAD_INPUT)
     settings = state.settings()
     with progress_bar("factorizing", enabled=not as_json) as progress:
         src = _open(source, settings, progress)
