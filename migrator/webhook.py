@@ -34,6 +34,8 @@ MAX_CLOCK_SKEW_S = 300
 RELEVANT_EVENTS = {
     ("model_version", "created"),
     ("model_version_tag", "set"),
+    ("model_version_alias", "created"),
+    ("model_version_alias", "deleted"),  # UI approvals
 }
 
 

@@ -33,6 +33,7 @@ from db import (
 from migrator.pipeline.context import Context
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus
 from migrator.pipeline.planning import PairATC, Planner, Proposal
+from migrator.pipeline.publishing import approve_by_alias, publish_pages
 from migrator.pipeline.snapshot import Snapshot, parse_refs, read_registry
 from migrator.registry import Tag, VersionRef
 
@@ -68,6 +69,7 @@ class TickReport:
     outcomes: list[JobOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     replanned: list[tuple[int, str]] = field(default_factory=list)
+    alias_approvals: list[tuple[int, str]] = field(default_factory=list)  # (job, alias)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -275,8 +277,12 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
             ctx.say(f"job {job_id} {reason}")
     report.assessments = [_assessment_row(pair) for pair in planner.pairs]
     report.problems.extend(planner.base_problems)
+    if not dry_run:
+        report.alias_approvals = approve_by_alias(ctx)
     if execute and not dry_run:
         execute_runnable(ctx, report)
+    if not dry_run:
+        report.problems.extend(publish_pages(ctx))
     for problem in report.problems:
         log.warning("registry content: %s", problem)
     return report

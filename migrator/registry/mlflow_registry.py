@@ -29,6 +29,7 @@ from migrator.registry.base import (
     VersionNotFoundError,
     VersionRef,
 )
+from migrator.registry.mlflow_pages import MlflowPages
 from migrator.registry.retry import retry_call
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def _info(mv: ModelVersion) -> ModelVersionInfo:
     )
 
 
-class MlflowRegistry:
+class MlflowRegistry(MlflowPages):
     """An MLflow tracking server or store plus its model registry.
 
     Args:
