@@ -1,85 +1,15 @@
-"""What people look at: the similarity heatmap, the module map, and the version description."""
+"""What people read on a transferred version's page: its description (the heatmaps are
+:mod:`migrator.heatmaps`, the lineage sections :mod:`migrator.pages`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from migrator.documents import ModuleCounts
 
-__all__ = ["TransferSummary", "plot_similarity", "version_description"]
-
-_MAX_TICK_LABELS = 48
-
-
-def _short(name: str) -> str:
-    """Shorten a module name for an axis label, keeping what tells modules apart."""
-    for long, short in (
-        ("down_blocks", "db"),
-        ("up_blocks", "ub"),
-        ("mid_block", "mb"),
-        ("attentions", "at"),
-        ("transformer_blocks", "tb"),
-        ("encoder.layer", "L"),
-        ("model.layers", "L"),
-        ("attention.self.", ""),
-        ("attention.output.", "o."),
-        ("self_attn.", ""),
-    ):
-        name = name.replace(long, short)
-    return name
-
-
-def plot_similarity(
-    phi_left: np.ndarray,
-    phi_right: np.ndarray,
-    sources: Sequence[str],
-    targets: Sequence[str],
-    out: Path | BinaryIO,
-    *,
-    title: str,
-    matches: Sequence[tuple[int, int]] = (),
-) -> None:
-    """Write a PNG with the left (U) and right (V) subspace similarity of every module pair.
-
-    Args:
-        phi_left, phi_right: (S, T) similarities in [0, 1] (0 for invalid pairs).
-        sources, targets: module names along the rows and columns.
-        out: PNG path, or a binary file to write the PNG to.
-        title: figure title (e.g. the two bases and the ATC).
-        matches: (source index, target index) of the chosen module pairs, marked on the plot.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_s, n_t = phi_left.shape
-    side = min(16.0, 4.0 + 0.12 * max(n_s, n_t))
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.5, side), constrained_layout=True)
-    for ax, phi, label in ((axes[0], phi_left, "left (U)"), (axes[1], phi_right, "right (V)")):
-        image = ax.imshow(phi, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_title(f"subspace similarity, {label}")
-        ax.set_xlabel("target module")
-        ax.set_ylabel("source module")
-        if n_t <= _MAX_TICK_LABELS:
-            ax.set_xticks(range(n_t), [_short(t) for t in targets], rotation=90, fontsize=6)
-        if n_s <= _MAX_TICK_LABELS:
-            ax.set_yticks(range(n_s), [_short(s) for s in sources], fontsize=6)
-        if matches:
-            rows, cols = zip(*matches, strict=True)
-            ax.scatter(cols, rows, s=8, marker="s", facecolors="none", edgecolors="red", lw=0.6)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="Psi")
-    fig.suptitle(title)
-    if isinstance(out, Path):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, format="png")
-    plt.close(fig)
+__all__ = ["TransferSummary", "version_description"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +73,7 @@ def version_description(s: TransferSummary) -> str:
     lines += [
         "",
         "The migration run holds the metrics, the module map (`module_map.json`) and the "
-        "similarity heatmap (`similarity.png`).",
+        "similarity heatmap (`similarity.png`; for hundreds of modules a per-block summary, "
+        "with the full map in `similarity_full.png`).",
     ]
     return "\n".join(lines)

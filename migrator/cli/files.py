@@ -110,7 +110,7 @@ def _print_atc(
     out.print(
         f"ATC [bold]{document['atc']:.3f}[/] (left {document['atc_left']:.3f}, right "
         f"{document['atc_right']:.3f}; k = {document['similarity_rank']}); {counts.text()}"
-        + (f"; heatmap: {plot}" if plot else "")
+        + (f"; heatmap: {', '.join(document['plots'])}" if plot else "")
     )
 
 
@@ -141,10 +141,14 @@ def atc_command(
         src = _open(source, settings, progress)
         tgt = _open(target, settings, progress)
         comparison = compare_bases(src, tgt, settings)
-    if plot is not None:
-        comparison.plot(plot, source_label=src.label, target_label=tgt.label)
+    plots = (
+        []
+        if plot is None
+        else comparison.plot(plot, source_label=src.label, target_label=tgt.label)
+    )
     document = _atc_document(comparison, src.label, tgt.label)
     document["plot"] = None if plot is None else str(plot)
+    document["plots"] = [str(p) for p in plots]
     if as_json:
         emit_json(document)
     else:
