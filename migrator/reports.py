@@ -36,6 +36,17 @@ class TransferSummary:
     notes: tuple[str, ...] = ()
 
 
+def _run_id(run_link: str) -> str:
+    """The run id of a run link (``#/experiments/E/runs/ID?...``)."""
+    return run_link.split("?", 1)[0].rsplit("/", 1)[-1]
+
+
+def _experiment_link(run_link: str) -> str:
+    """The link of the experiment holding the run, its runs listed (model-training layout)."""
+    path, _, query = run_link.partition("?")
+    return path.split("/runs/", 1)[0] + (f"?{query}" if query else "")
+
+
 def _link(text: str, href: str | None) -> str:
     return f"[{text}]({href})" if href else f"`{text}`"
 
@@ -54,7 +65,8 @@ def version_description(s: TransferSummary) -> str:
         "|---|---|",
         f"| from base | {_link(s.old_base, s.old_base_link)} |",
         f"| to base | {_link(s.new_base, s.new_base_link)} |",
-        f"| migration run | [{s.run_link.rsplit('/', 1)[-1]}]({s.run_link}) |",
+        f"| migration run | [{_run_id(s.run_link)}]({s.run_link}) in the "
+        f"[migration experiment]({_experiment_link(s.run_link)}) |",
         f"| ATC (left / right) | {s.atc:.3f} ({s.atc_left:.3f} / {s.atc_right:.3f}) |",
         f"| mode | {s.mode} |",
         f"| energy retained | {s.energy_retained:.1%} |",

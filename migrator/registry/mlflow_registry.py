@@ -363,4 +363,5 @@ class MlflowRegistry(MlflowPages):
         return f"#/models/{quote(ref.name, safe='')}/versions/{ref.version}"
 
     def run_link(self, run: RunInfo) -> str:
-        return f"#/experiments/{run.experiment_id}/runs/{run.run_id}"
+        # The UI opens in its GenAI layout unless told otherwise: a migration run is training.
+        return f"#/experiments/{run.experiment_id}/runs/{run.run_id}?workflowType=machine_learning"
