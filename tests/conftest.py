@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.postgres",
     "tests.fixtures.mlflow",
+    "tests.fixtures.browser",
 ]
 
 
