@@ -113,7 +113,7 @@ def _heavy(args: list[str], env: dict[str, str], cwd: Path) -> list[str]:
 
 
 def _prepare(tree: Path, work: Path) -> None:
-    """A job database at head for ``jobs list`` (made by this tree's ``db upgrade``)."""
+    """A job database at ``tree``'s head for ``jobs list`` (made by its own ``db upgrade``)."""
     work.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [sys.executable, "-m", "migrator", "db", "upgrade"],
@@ -129,8 +129,8 @@ def measure(baseline_ref: str, runs: int) -> dict[str, Any]:
         tmp_path = Path(tmp)
         trees = {"baseline": _export(baseline_ref, tmp_path / "baseline"), "this tree": ROOT}
         works = {k: tmp_path / f"work-{i}" for i, k in enumerate(trees)}
-        for key in trees:
-            _prepare(ROOT, works[key])
+        for key, tree in trees.items():
+            _prepare(tree, works[key])
         rows = []
         for label, args in _commands(tmp_path).items():
             samples: dict[str, list[tuple[float, float, int]]] = {k: [] for k in trees}
