@@ -8,8 +8,10 @@ The math modules re-export them where they belong (``core.modes.TransferMode``,
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: the CLI starts without it
+    import numpy as np
 
 __all__ = ["Combine", "MatchStrategy", "MergeWeights", "TransferMode"]
 
@@ -32,6 +34,8 @@ class Combine(StrEnum):
 
     def phi(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         """Combined similarity."""
+        import numpy as np
+
         if self is Combine.MEAN:
             return (left + right) / 2
         if self is Combine.MAX:

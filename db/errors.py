@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "STATE_PHRASES",
     "DatabaseNotAtHeadError",
     "IllegalTransitionError",
     "JobDatabaseError",
@@ -30,6 +31,19 @@ class JobStateError(JobDatabaseError):
     """A request that the job's current state does not allow."""
 
 
+#: How messages say that a job is in a status ("job 3 has succeeded", not "is succeeded").
+STATE_PHRASES = {
+    "planned": "is planned",
+    "pending_approval": "is waiting for approval",
+    "approved": "is approved",
+    "running": "is running",
+    "succeeded": "has succeeded",
+    "failed": "has failed",
+    "skipped": "was skipped",
+    "rejected": "was rejected",
+}
+
+
 class IllegalTransitionError(JobStateError):
     """A status change that is not an edge of the job state machine.
 
@@ -37,16 +51,28 @@ class IllegalTransitionError(JobStateError):
         job_id: the job concerned (None for a job not yet flushed).
         current: its status.
         requested: the status asked for.
+        action: the command refused (``retry``...), when a command asked for the change.
     """
 
     def __init__(
-        self, job_id: int | None, current: str, requested: str, hint: str | None = None
+        self,
+        job_id: int | None,
+        current: str,
+        requested: str,
+        hint: str | None = None,
+        *,
+        action: str | None = None,
     ) -> None:
         self.job_id = job_id
         self.current = current
         self.requested = requested
+        self.action = action
         who = "job" if job_id is None else f"job {job_id}"
-        message = f"{who} is {current}: it cannot become {requested}"
+        state = STATE_PHRASES.get(current, f"is {current}")
+        if action is not None:
+            message = f"cannot {action} {who}: it {state}"
+        else:
+            message = f"{who} {state}: it cannot become {requested}"
         super().__init__(f"{message} ({hint})" if hint else message)
 
 

@@ -22,6 +22,7 @@ from db.status import JobStatus, transition
 from db.timestamps import utcnow
 
 __all__ = [
+    "ALREADY_APPROVED",
     "DEFAULT_MAX_ATTEMPTS",
     "POLICY_ACTOR",
     "apply_policy_decision",
@@ -180,7 +181,7 @@ def _admin_action(
         raise ReasonRequiredError(action.value, job_id)
     job = get_job(job_id, session=session, for_update=True)
     if job.status not in allowed_from:
-        raise IllegalTransitionError(job.id, job.status.value, to.value, hint)
+        raise IllegalTransitionError(job.id, job.status.value, to.value, hint, action=action.value)
     now = utcnow()
     previous = transition(job, to, now=now)
     if action is AuditAction.RETRY:
@@ -193,12 +194,20 @@ def _admin_action(
     return job
 
 
+#: Statuses of a job that was approved already: approving it again changes nothing.
+ALREADY_APPROVED = frozenset({JobStatus.APPROVED, JobStatus.RUNNING, JobStatus.SUCCEEDED})
+
+
 def approve(job_id: int, actor: str, reason: str | None = None, *, session: Session) -> TransferJob:
-    """An admin approves a job pending approval.
+    """An admin approves a job pending approval. Approving a job that is approved already
+    (approved, running or succeeded) is a no-op: the job and its audit trail stay as they are.
 
     Raises:
-        JobNotFoundError, IllegalTransitionError (not pending approval).
+        JobNotFoundError, IllegalTransitionError (not pending approval, nor approved already).
     """
+    job = get_job(job_id, session=session)
+    if job.status in ALREADY_APPROVED:
+        return job
     return _admin_action(
         job_id,
         AuditAction.APPROVE,

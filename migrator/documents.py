@@ -5,6 +5,7 @@ all built from these."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from core.decisions import Decision, ModuleDecision
@@ -15,12 +16,106 @@ if TYPE_CHECKING:
     from db import ModulePair, TransferJob
 
 __all__ = [
+    "ModuleCounts",
+    "current_decision",
     "decision_document",
     "decision_from_row",
     "decision_row",
     "job_document",
     "module_map",
 ]
+
+
+@dataclass(frozen=True)
+class ModuleCounts:
+    """How many modules each module decision covers: the one vocabulary of the version
+    description, the run metrics, ``jobs show``, ``atc``, ``transfer`` and their JSON.
+
+    Attributes:
+        same_name: target modules fed by the adapter (source) module of the same name.
+        rematched: target modules fed by a source module of another name.
+        skipped: target modules that receive nothing (no source module similar enough).
+        left_out: adapter modules whose update reaches no target module (None: no adapter,
+            as in ``migrator atc``).
+        adapter_modules: the adapter's modules in all (None: no adapter).
+    """
+
+    same_name: int
+    rematched: int
+    skipped: int
+    left_out: int | None = None
+    adapter_modules: int | None = None
+
+    @classmethod
+    def of_decisions(cls, decisions: Sequence[ModuleDecision]) -> ModuleCounts:
+        """The target-module counts of an assessment's decisions."""
+        kinds = [d.decision for d in decisions]
+        return cls(
+            kinds.count(Decision.SAME_NAME),
+            kinds.count(Decision.REMATCHED),
+            kinds.count(Decision.SKIPPED),
+        )
+
+    @classmethod
+    def of_transfer(
+        cls, result: TransferResult, decisions: Sequence[ModuleDecision] | None
+    ) -> ModuleCounts:
+        """What a transfer did: target modules it fed by same name or rematched, target modules
+        the decisions skipped, and the adapter modules it left out."""
+        sources = {s for r in result.modules for s, _ in r.contributions}
+        sources |= {r.source for r in result.modules if r.decision is Decision.SKIPPED}
+        skipped = [d for d in decisions or () if d.decision is Decision.SKIPPED]
+        return cls(
+            same_name=result.modules_transferred - result.modules_rematched,
+            rematched=result.modules_rematched,
+            skipped=len(skipped),
+            left_out=result.modules_skipped,
+            adapter_modules=len(sources),
+        )
+
+    def document(self) -> dict[str, int | None]:
+        """The JSON form (``module_counts``)."""
+        return {
+            "target_same_name": self.same_name,
+            "target_rematched": self.rematched,
+            "target_skipped": self.skipped,
+            "adapter_left_out": self.left_out,
+            "adapter_modules": self.adapter_modules,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """The run metrics (MLflow metric names)."""
+        out = {
+            "target_modules_same_name": float(self.same_name),
+            "target_modules_rematched": float(self.rematched),
+            "target_modules_skipped": float(self.skipped),
+        }
+        if self.left_out is not None:
+            out["adapter_modules_left_out"] = float(self.left_out)
+        return out
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) rows for tables and the version description."""
+        rows = [
+            (
+                "target modules: same name / rematched / skipped",
+                f"{self.same_name} / {self.rematched} / {self.skipped}",
+            )
+        ]
+        if self.left_out is not None:
+            rows.append(("adapter modules left out", f"{self.left_out} of {self.adapter_modules}"))
+        return rows
+
+    def text(self) -> str:
+        """One line: ``4 same name, 8 rematched, 0 skipped target modules; 12 of 24 adapter
+        modules left out``."""
+        line = (
+            f"{self.same_name} same name, {self.rematched} rematched, {self.skipped} skipped "
+            "target modules"
+        )
+        if self.left_out is not None:
+            line += f"; {self.left_out} of {self.adapter_modules} adapter modules left out"
+        return line
 
 
 def decision_document(d: ModuleDecision) -> dict[str, Any]:
@@ -110,11 +205,29 @@ def module_map(
     return rows
 
 
+#: Audit actions that decide whether a job may run (retries only run it again).
+_DECIDING_ACTIONS = frozenset({"approve", "reject", "force", "policy"})
+
+
+def current_decision(job: TransferJob) -> tuple[str | None, str | None, Any]:
+    """The decision in force on a job and who took it: (approved | pending_approval |
+    rejected | skipped, actor, when), from its last deciding audit row; Nones before any."""
+    for event in reversed(job.audit_events):
+        if event.action.value in _DECIDING_ACTIONS:
+            return event.to_status.value, event.actor, event.at
+    return None, None, None
+
+
 def job_document(job: TransferJob, **extra: Any) -> dict[str, Any]:
-    """A transfer job: its state, what the policy said, attempts, lease and result."""
+    """A transfer job: its state, the decision in force (and who took it) beside what the
+    policy said, attempts, lease and result."""
+    decision, decided_by, decided_at = current_decision(job)
     doc: dict[str, Any] = {
         "id": job.id,
         "status": job.status.value,
+        "decision": decision,
+        "decided_by": decided_by,
+        "decided_at": decided_at,
         "adapter": job.adapter_version.ref,
         "source_base": job.source_base.ref,
         "target_base": job.target_base.ref,

@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.fixtures.sdxl",
     "tests.fixtures.postgres",
     "tests.fixtures.mlflow",
+    "tests.fixtures.browser",
 ]
 
 

@@ -111,13 +111,34 @@ def read_pickle(path: str | Path, *, allow_pickle: bool) -> TensorFile:
     return TensorFile(path=Path(path), tensors=dict(loaded), metadata={})
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the kernel tells (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(current)
+    return current
+
+
+def _publish_mode(path: Path, *, folder: bool = False) -> None:
+    """Give a file (0666) or folder (0777) made by mkstemp/mkdtemp (0600/0700) the mode the
+    umask gives an ordinary new one, so that a shared artifact volume can read what is written."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``."""
+    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``
+    (with the mode the umask gives a new file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        _publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -175,6 +196,8 @@ def write_folder_atomic(
         try:
             for name, write in writers.items():
                 write(tmp / name)
+                _publish_mode(tmp / name)
+            _publish_mode(tmp, folder=True)
             os.rename(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

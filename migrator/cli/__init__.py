@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from migrator.cli.admin import approvals_app, jobs_app, lineage_command
+from migrator.cli.admin import approvals_app, jobs_app
 from migrator.cli.common import state
 from migrator.cli.dbcmd import db_app
 from migrator.cli.files import atc_command, transfer_command
+from migrator.cli.help import App
+from migrator.cli.lineage import lineage_command
 from migrator.cli.service import health_command, plan_command, run_command, tick_command
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(
+app = App(
     name="migrator",
     help=(
         "LoRA-X Migrator: carries LoRA-X adapters to new base-model versions in an MLflow "

@@ -1,102 +1,107 @@
-"""Admin commands: approvals, jobs, lineage. Every change writes an audit row (who, when, why)."""
+"""Admin commands: approvals and jobs. Every change writes an audit row (who, when, why).
+
+Lists are compact (one line per job, fitted to the terminal; ``--wide`` for every column),
+``jobs show`` has the detail. Read-only commands create no database.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.tree import Tree
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
-from db import (
-    AdapterVersion,
-    JobStatus,
-    Lineage,
-    TransferJob,
-    ancestors,
-    approve,
-    audit_trail,
-    descendants,
-    find_adapter_version,
-    force,
-    get_job,
-    list_jobs,
-    make_engine,
-    make_session_factory,
-    pending_approvals,
-    reject,
-    retry,
-    session_scope,
-)
 from migrator.cli.common import (
     EXIT_BAD_INPUT,
+    JSON_OPTION,
+    WIDE_OPTION,
     actor,
     decisions_table,
     emit_json,
     fail,
+    fields,
     fmt_atc,
     guarded,
     out,
-    state,
-    table,
 )
-from migrator.database import prepare_database
-from migrator.documents import decision_document, decision_from_row, job_document
-from migrator.registry import VersionRef
+from migrator.cli.help import App
+from migrator.cli.jobdb import JobDb, open_job_db
+from migrator.cli.tables import Column, print_table
 
-__all__ = ["approvals_app", "jobs_app", "lineage_command"]
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
-approvals_app = typer.Typer(
+    from db import TransferJob
+
+__all__ = ["approvals_app", "jobs_app"]
+
+approvals_app = App(
     help="Transfers waiting for an admin: list, approve, reject.", no_args_is_help=True
 )
-jobs_app = typer.Typer(help="Transfer jobs: list, show, retry, force.", no_args_is_help=True)
+jobs_app = App(help="Transfer jobs: list, show, retry, force.", no_args_is_help=True)
 
-JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
 BY_OPTION = typer.Option(None, "--by", help="Who acts (default: the OS user).")
 
+JOB_COLUMNS = (
+    Column("ID", justify="right"),
+    Column("STATUS"),
+    Column("ADAPTER", squeeze=True),
+    Column("TARGET", squeeze=True),
+    Column("ATC", justify="right"),
+    Column("RESULT", squeeze=True),
+    Column("SOURCE BASE", wide_only=True),
+    Column("DECISION", wide_only=True),
+    Column("POLICY SAID", wide_only=True),
+    Column("ATTEMPTS", wide_only=True),
+    Column("REASON / ERROR", wide_only=True),
+)
 
-@dataclass
-class _Db:
-    sessions: sessionmaker[Session]
+
+def _decision_text(doc: dict[str, Any]) -> str | None:
+    """``approved by alice`` (None before any decision)."""
+    if doc["decision"] is None:
+        return None
+    return f"{doc['decision']} by {doc['decided_by']}"
 
 
-def _sessions() -> _Db:
-    """The job database (admin commands need neither the registry nor the math)."""
-    settings = state.settings()
-    prepare_database(settings.database_url.get_secret_value())
-    return _Db(make_session_factory(make_engine(settings.database_url.get_secret_value())))
-
-
-def _jobs_table(title: str, jobs: list[TransferJob]) -> None:
-    table(
-        title,
+def _jobs_table(docs: list[dict[str, Any]], *, wide: bool) -> None:
+    print_table(
+        out,
+        JOB_COLUMNS,
         [
-            "id",
-            "status",
-            "adapter",
-            "source base",
-            "target base",
-            "ATC",
-            "attempts",
-            "result / reason",
+            (
+                d["id"],
+                d["status"],
+                d["adapter"],
+                d["target_base"],
+                fmt_atc(d["atc"]),
+                d["result"],
+                d["source_base"],
+                _decision_text(d),
+                d["policy_decision"],
+                f"{d['attempts']}/{d['max_attempts']}",
+                d["last_error"] or d["policy_reason"],
+            )
+            for d in docs
         ],
-        [
-            [
-                j.id,
-                j.status.value,
-                j.adapter_version.ref,
-                j.source_base.ref,
-                j.target_base.ref,
-                fmt_atc(j.atc),
-                f"{j.attempts}/{j.max_attempts}",
-                j.result_ref or j.last_error or j.policy_reason or "",
-            ]
-            for j in jobs
-        ],
+        wide=wide,
     )
+
+
+def _job(job_id: int, db: JobDb, session: Session, *, for_update: bool = False) -> TransferJob:
+    """The job, or exit 2 naming the database looked in and the ids it holds."""
+    from sqlalchemy import func, select
+
+    from db import JobNotFoundError, TransferJob, get_job
+
+    try:
+        return get_job(job_id, session=session, for_update=for_update)
+    except JobNotFoundError:
+        low, high = session.execute(
+            select(func.min(TransferJob.id), func.max(TransferJob.id))
+        ).one()
+        known = f"it holds jobs {low} to {high}" if low is not None else "it holds no job yet"
+        fail(f"no transfer job with id {job_id} in {db.where}: {known}", EXIT_BAD_INPUT)
 
 
 def _act(
@@ -108,8 +113,12 @@ def _act(
     as_json: bool,
     verb: str,
 ) -> None:
-    ctx = _sessions()
-    with session_scope(ctx.sessions) as session:
+    from db import session_scope
+    from migrator.documents import job_document
+
+    db = open_job_db(read_only=False)
+    with session_scope(db.sessions) as session:
+        _job(job_id, db, session)
         job = action(job_id, actor(by), reason, session=session)
         doc: dict[str, Any] = job_document(job)
     if as_json:
@@ -117,24 +126,27 @@ def _act(
     else:
         out.print(
             f"job {job_id} {verb} by {actor(by)}: now {doc['status']}"
-            + (" (it runs on the next pass)" if doc["status"] == "approved" else "")
+            + (" (it runs on the next pass)" if doc["status"] == "approved" else ""),
+            highlight=False,
         )
 
 
 @approvals_app.command("list")
 @guarded
-def approvals_list(as_json: bool = JSON_OPTION) -> None:
+def approvals_list(as_json: bool = JSON_OPTION, wide: bool = WIDE_OPTION) -> None:
     """Transfers waiting for approval (ATC between auto_approve_atc and max_atc)."""
-    ctx = _sessions()
-    with session_scope(ctx.sessions) as session:
-        jobs = list(pending_approvals(session=session))
-        docs = [job_document(j) for j in jobs]
-        if not as_json:
-            _jobs_table("waiting for approval", jobs)
-            if not jobs:
-                out.print("no transfer is waiting for approval")
+    from db import pending_approvals, session_scope
+    from migrator.documents import job_document
+
+    db = open_job_db(read_only=True)
+    with session_scope(db.sessions) as session:
+        docs = [job_document(j) for j in pending_approvals(session=session)]
     if as_json:
         emit_json(docs)
+    elif docs:
+        _jobs_table(docs, wide=wide)
+    else:
+        out.print(f"no transfer is waiting for approval in {db.where}", highlight=False)
 
 
 @approvals_app.command("approve")
@@ -145,7 +157,25 @@ def approvals_approve(
     reason: str | None = typer.Option(None, "--reason", help="Why (kept in the audit trail)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Approve a pending transfer; it runs on the next pass."""
+    """Approve a pending transfer; it runs on the next pass. Approving it again changes nothing."""
+    from db import approve, session_scope
+    from db.jobs import ALREADY_APPROVED
+    from migrator.documents import job_document
+
+    db = open_job_db(read_only=False)
+    with session_scope(db.sessions) as session:
+        job = _job(job_id, db, session)
+        if job.status in ALREADY_APPROVED:
+            doc = job_document(job)
+            if as_json:
+                emit_json(doc)
+            else:
+                out.print(
+                    f"job {job_id} is approved already ({_decision_text(doc)}, now "
+                    f"{doc['status']}): nothing changed",
+                    highlight=False,
+                )
+            return
     _act(job_id, approve, by=by, reason=reason, as_json=as_json, verb="approved")
 
 
@@ -158,6 +188,8 @@ def approvals_reject(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Reject a pending transfer."""
+    from db import reject
+
     if not reason.strip():
         fail("a rejection needs a reason (--reason)", EXIT_BAD_INPUT)
     _act(job_id, reject, by=by, reason=reason, as_json=as_json, verb="rejected")
@@ -171,23 +203,31 @@ def jobs_list(
     ),
     limit: int | None = typer.Option(None, "--limit", help="At most this many."),
     as_json: bool = JSON_OPTION,
+    wide: bool = WIDE_OPTION,
 ) -> None:
-    """Transfer jobs, oldest first."""
+    """Transfer jobs, oldest first (`migrator jobs show ID` for one job's detail)."""
+    from db import JobStatus, list_jobs, session_scope
+    from migrator.documents import job_document
+
     try:
         statuses = [JobStatus(s) for s in status] if status else None
     except ValueError:
         fail(f"--status must be one of {', '.join(s.value for s in JobStatus)}", EXIT_BAD_INPUT)
-    ctx = _sessions()
-    with session_scope(ctx.sessions) as session:
-        jobs = list(list_jobs(session=session, statuses=statuses, limit=limit))
+    db = open_job_db(read_only=True)
+    with session_scope(db.sessions) as session:
+        jobs = list_jobs(session=session, statuses=statuses, limit=limit)
         docs = [job_document(j) for j in jobs]
-        if not as_json:
-            _jobs_table("jobs", jobs)
     if as_json:
         emit_json(docs)
+    elif docs:
+        _jobs_table(docs, wide=wide)
+    else:
+        out.print(f"no transfer job in {db.where}", highlight=False)
 
 
 def _audit_document(job_id: int, session: Session) -> list[dict[str, Any]]:
+    from db import audit_trail
+
     return [
         {
             "action": e.action.value,
@@ -203,46 +243,80 @@ def _audit_document(job_id: int, session: Session) -> list[dict[str, Any]]:
 
 def _modules_document(job: TransferJob) -> list[dict[str, Any]]:
     """The module decisions the job was planned (and approved) with."""
+    from migrator.documents import decision_document, decision_from_row
+
     if job.assessment is None:
         return []
     combine = str(job.assessment.parameters.get("combine", "mean"))
     return [decision_document(decision_from_row(p, combine)) for p in job.assessment.module_pairs]
 
 
-def _print_job(job_id: int, doc: dict[str, Any]) -> None:
-    table(
-        f"job {job_id}",
-        ["field", "value"],
-        [[k, v] for k, v in doc.items() if k not in ("audit", "modules")],
-    )
-    table(
-        "audit trail",
-        ["at", "action", "actor", "from -> to", "reason"],
+def _print_job(doc: dict[str, Any], *, wide: bool) -> None:
+    counts = doc["module_counts"]
+    fields(
+        f"job {doc['id']}",
         [
-            [a["at"], a["action"], a["actor"], f"{a['from']} -> {a['to']}", a["reason"] or ""]
-            for a in doc["audit"]
+            ("status", doc["status"]),
+            ("decision", _decision_text(doc)),
+            ("policy said", f"{doc['policy_decision']}: {doc['policy_reason']}"),
+            ("adapter", doc["adapter"]),
+            ("source base", doc["source_base"]),
+            ("target base", doc["target_base"]),
+            ("ATC", fmt_atc(doc["atc"])),
+            ("mode", doc["mode"]),
+            ("attempts", f"{doc['attempts']}/{doc['max_attempts']}"),
+            ("next attempt", doc["next_attempt_at"]),
+            ("last error", doc["last_error"]),
+            (
+                "lease",
+                doc["lease_owner"] and f"{doc['lease_owner']} until {doc['lease_expires_at']}",
+            ),
+            ("result", doc["result"]),
+            ("migration run", doc["mlflow_run_id"]),
+            ("created", doc["created_at"]),
+            ("updated", doc["updated_at"]),
+            *(counts.rows() if counts is not None else []),
         ],
     )
+    out.print()
+    out.print("[bold]audit trail[/]")
+    for a in doc["audit"]:
+        line = f"  {str(a['at'])[:19]}  {a['action']} by {a['actor']}: {a['from']} -> {a['to']}"
+        out.print(
+            line + (f" ({a['reason']})" if a["reason"] else ""), highlight=False, markup=False
+        )
     if doc["modules"]:
-        decisions_table("module decisions", doc["modules"])
+        out.print()
+        decisions_table("module decisions", doc["modules"], wide=wide)
 
 
 @jobs_app.command("show")
 @guarded
 def jobs_show(
-    job_id: int = typer.Argument(..., help="Job id."), as_json: bool = JSON_OPTION
+    job_id: int = typer.Argument(..., help="Job id."),
+    as_json: bool = JSON_OPTION,
+    wide: bool = WIDE_OPTION,
 ) -> None:
-    """One job: its decision, attempts, result, module decisions and audit trail."""
-    ctx = _sessions()
-    with session_scope(ctx.sessions) as session:
-        job = get_job(job_id, session=session)
+    """One job: its state and decision, what the policy said, attempts, result, module
+    decisions and audit trail."""
+    from db import session_scope
+    from migrator.documents import ModuleCounts, decision_from_row, job_document
+
+    db = open_job_db(read_only=True)
+    with session_scope(db.sessions) as session:
+        job = _job(job_id, db, session)
+        counts = None
+        if job.assessment is not None:
+            combine = str(job.assessment.parameters.get("combine", "mean"))
+            decisions = [decision_from_row(p, combine) for p in job.assessment.module_pairs]
+            counts = ModuleCounts.of_decisions(decisions)
         doc = job_document(
             job, audit=_audit_document(job_id, session), modules=_modules_document(job)
         )
     if as_json:
-        emit_json(doc)
+        emit_json({**doc, "module_counts": counts and counts.document()})
     else:
-        _print_job(job_id, doc)
+        _print_job({**doc, "module_counts": counts}, wide=wide)
 
 
 @jobs_app.command("retry")
@@ -254,6 +328,8 @@ def jobs_retry(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Retry a failed job (its attempts start again)."""
+    from db import retry
+
     _act(job_id, retry, by=by, reason=reason, as_json=as_json, verb="retried")
 
 
@@ -266,101 +342,8 @@ def jobs_force(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Force a skipped (ATC above max_atc) or rejected job to run."""
+    from db import force
+
     if not reason.strip():
         fail("forcing needs a reason (--reason)", EXIT_BAD_INPUT)
     _act(job_id, force, by=by, reason=reason, as_json=as_json, verb="forced")
-
-
-def _versions_of(name: str, session: Session) -> list[AdapterVersion]:
-    rows = session.scalars(select(AdapterVersion).where(AdapterVersion.name == name)).all()
-    return sorted(rows, key=lambda a: int(a.version) if a.version.isdigit() else 0)
-
-
-def _parent_of(adapter_id: int, session: Session) -> tuple[str, int | None] | None:
-    edge = session.scalars(select(Lineage).where(Lineage.child_id == adapter_id)).first()
-    return None if edge is None else (edge.parent.ref, edge.job_id)
-
-
-def _lineage_of_name(name: str, session: Session) -> dict[str, Any] | None:
-    versions = _versions_of(name, session)
-    if not versions:
-        return None
-    rows = []
-    for v in versions:
-        parent = _parent_of(v.id, session)
-        rows.append(
-            {
-                "version": v.ref,
-                "base": v.base.ref,
-                "origin": v.origin.value,
-                "parent": parent and parent[0],
-                "job": parent and parent[1],
-            }
-        )
-    return {"name": name, "versions": rows}
-
-
-def _lineage_of_version(adapter: AdapterVersion, session: Session) -> dict[str, Any]:
-    def edges(entries: list[Any]) -> list[dict[str, Any]]:
-        return [
-            {"version": e.adapter.ref, "base": e.adapter.base.ref, "depth": e.depth}
-            for e in entries
-        ]
-
-    return {
-        "version": adapter.ref,
-        "base": adapter.base.ref,
-        "origin": adapter.origin.value,
-        "ancestors": edges(ancestors(adapter.id, session=session)),
-        "descendants": edges(descendants(adapter.id, session=session)),
-    }
-
-
-def _print_lineage(what: str, doc: dict[str, Any]) -> None:
-    if "versions" not in doc:
-        chain = [*reversed(doc["ancestors"]), {"version": doc["version"], "base": doc["base"]}]
-        out.print(" -> ".join(f"{c['version']} ({c['base']})" for c in chain))
-        for d in doc["descendants"]:
-            out.print(f"{'  ' * int(d['depth'])}└ {d['version']} ({d['base']})")
-        return
-    children: dict[str | None, list[dict[str, object]]] = {}
-    for v in doc["versions"]:
-        children.setdefault(v["parent"], []).append(v)
-    tree = Tree(f"[bold]{what}[/]")
-
-    def grow(node: Tree, parent: str | None) -> None:
-        for v in children.get(parent, []):
-            label = f"{v['version']} on {v['base']} ({v['origin']}"
-            label += f", job {v['job']})" if v["job"] else ")"
-            grow(node.add(label), str(v["version"]))
-
-    grow(tree, None)
-    out.print(tree)
-
-
-@guarded
-def lineage_command(
-    what: str = typer.Argument(..., help="An adapter registered model NAME, or NAME/VERSION."),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Where an adapter version came from and what was made from it (across bases)."""
-    ctx = _sessions()
-    try:
-        ref: VersionRef | None = VersionRef.parse(what)
-    except ValueError:
-        ref = None
-    with session_scope(ctx.sessions) as session:
-        adapter = None
-        if ref is not None:  # else a name that merely ends in /<digits>
-            adapter = find_adapter_version(ref.name, ref.version, session=session)
-        doc = (
-            _lineage_of_version(adapter, session)
-            if adapter is not None
-            else _lineage_of_name(what, session)
-        )
-    if doc is None:
-        fail(f"no adapter named {what!r} is known to the migrator", EXIT_BAD_INPUT)
-    if as_json:
-        emit_json(doc)
-    else:
-        _print_lineage(what, doc)

@@ -3,6 +3,10 @@
 Exit codes: 0 success, 1 failure of the work, 2 bad usage or bad input. With ``--json`` a
 command prints exactly one JSON document on stdout; tables, progress and logs go elsewhere
 (tables to stdout only without ``--json``; progress and logs to stderr).
+
+Loading this module (and every ``migrator.cli`` module) imports only typer, rich and the
+standard library: ``--help`` and a bad argument answer before the settings, the job database,
+MLflow or torch are imported. Commands import what they need when they run.
 """
 
 from __future__ import annotations
@@ -11,39 +15,36 @@ import functools
 import getpass
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
-from sqlalchemy.exc import OperationalError
+from rich.markup import escape
 
-from core.errors import InputError
-from db import DatabaseNotAtHeadError, JobDatabaseError, JobNotFoundError, JobStateError
-from migrator.errors import NothingToTransferError
-from migrator.logs import configure_logging
-from migrator.registry import RegistryError, RegistryUnavailableError, VersionNotFoundError
-from migrator.settings import ConfigFileError, Settings, load_settings
+from migrator.cli.progress import progress_bar
+from migrator.cli.tables import Column, print_table
+
+if TYPE_CHECKING:
+    from migrator.settings import Settings
 
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
+    "JSON_OPTION",
+    "WIDE_OPTION",
     "State",
     "actor",
     "decisions_table",
     "emit_json",
     "fail",
+    "fmt_atc",
     "guarded",
     "progress_bar",
     "state",
-    "table",
 ]
 
 EXIT_FAILED = 1
@@ -52,10 +53,20 @@ EXIT_BAD_INPUT = 2
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# Wide enough for the tables when the output goes to a file or a pipe (rich assumes 80).
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+
+def _width(stream: Any) -> int | None:
+    """A terminal's width (or ``COLUMNS``); 160 for a pipe or a file, where rich assumes 80."""
+    return None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
+
+
+out = Console(soft_wrap=True, width=_width(sys.stdout))
+err = Console(stderr=True, soft_wrap=True, width=_width(sys.stderr))
 log = logging.getLogger("migrator.cli")
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+WIDE_OPTION = typer.Option(
+    False, "--wide", "-w", help="Every column, names in full (the default fits the terminal)."
+)
 
 
 @dataclass
@@ -69,6 +80,9 @@ class State:
 
     def settings(self) -> Settings:
         if self._settings is None:
+            from migrator.logs import configure_logging
+            from migrator.settings import load_settings
+
             self._settings = load_settings(self.config)
             configure_logging(self.log_level or self._settings.log_level, self._settings.log_format)
         return self._settings
@@ -79,9 +93,41 @@ state = State()
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     """Print one clear line on stderr and exit with ``code``. The message is printed as it is:
-    rich markup is not interpreted, so keys such as ``[lora_unet_...]`` stay in the line."""
-    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
+    rich markup is escaped, so keys such as ``[lora_unet_...]`` stay in the line."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+#: (module, class, message prefix, exit code), most specific first. A class is looked up only
+#: when its module is loaded: an error of a module that was never imported cannot be raised.
+_KNOWN_ERRORS: tuple[tuple[str, str, str, int], ...] = (
+    ("migrator.errors", "NothingToTransferError", "", EXIT_FAILED),
+    ("migrator.settings", "ConfigFileError", "configuration: ", EXIT_BAD_INPUT),
+    ("pydantic", "ValidationError", "configuration: ", EXIT_BAD_INPUT),
+    ("core.errors", "InputError", "", EXIT_BAD_INPUT),
+    ("migrator.registry.base", "VersionNotFoundError", "", EXIT_BAD_INPUT),
+    ("db.errors", "JobNotFoundError", "", EXIT_BAD_INPUT),
+    ("builtins", "FileNotFoundError", "", EXIT_BAD_INPUT),
+    ("db.errors", "JobStateError", "", EXIT_BAD_INPUT),
+    ("db.errors", "DatabaseNotAtHeadError", "", EXIT_BAD_INPUT),
+    ("migrator.registry.base", "RegistryUnavailableError", "registry unreachable: ", EXIT_FAILED),
+    ("migrator.registry.base", "RegistryError", "registry: ", EXIT_FAILED),
+    ("sqlalchemy.exc", "OperationalError", "job database unreachable: ", EXIT_FAILED),
+    ("db.errors", "JobDatabaseError", "job database: ", EXIT_FAILED),
+)
+
+
+def classify(exc: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit code of a known error (None for an unexpected one)."""
+    for module_name, class_name, prefix, code in _KNOWN_ERRORS:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if cls is not None and isinstance(exc, cls):
+            text = str(exc)
+            if class_name == "OperationalError":
+                text = str(getattr(exc, "orig", exc)).splitlines()[0]
+            return prefix + text, code
+    return None
 
 
 def guarded(fn: Callable[P, T]) -> Callable[P, T]:
@@ -93,27 +139,12 @@ def guarded(fn: Callable[P, T]) -> Callable[P, T]:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except NothingToTransferError as exc:
-            fail(str(exc))
-        except (ConfigFileError, ValidationError) as exc:
-            fail(f"configuration: {exc}", EXIT_BAD_INPUT)
-        except (InputError, VersionNotFoundError, JobNotFoundError, FileNotFoundError) as exc:
-            fail(str(exc), EXIT_BAD_INPUT)
-        except JobStateError as exc:
-            fail(str(exc), EXIT_BAD_INPUT)
-        except DatabaseNotAtHeadError as exc:
-            fail(str(exc), EXIT_BAD_INPUT)
-        except RegistryUnavailableError as exc:
-            fail(f"registry unreachable: {exc}")
-        except RegistryError as exc:
-            fail(f"registry: {exc}")
-        except OperationalError as exc:
-            fail(f"job database unreachable: {str(exc.orig).splitlines()[0]}")
-        except JobDatabaseError as exc:
-            fail(f"job database: {exc}")
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as exc:
+            known = classify(exc)
+            if known is not None:
+                fail(*known)
             log.debug("unexpected error", exc_info=True)
             fail(f"{type(exc).__name__}: {exc} (run with --log-level DEBUG for the traceback)")
 
@@ -136,20 +167,37 @@ def emit_json(document: Any) -> None:
     sys.stdout.flush()
 
 
-def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    t = Table(title=title, title_justify="left", header_style="bold")
-    for column in columns:
-        t.add_column(column, overflow="fold")
-    for row in rows:
-        t.add_row(*("" if cell is None else str(cell) for cell in row))
-    out.print(t)
+def fmt_atc(value: object) -> str:
+    """A similarity or ATC with three decimals ("-" when there is none)."""
+    return "-" if value is None else f"{float(value):.3f}"  # type: ignore[arg-type]
 
 
-def decisions_table(title: str, modules: Sequence[dict[str, Any]]) -> None:
+def fields(title: str | None, items: Sequence[tuple[str, object]]) -> None:
+    """``name: value`` lines (``kubectl describe``), the long detail of one object."""
+    if title:
+        out.print(f"[bold]{title}[/]", highlight=False)
+    width = min(18, max((len(k) for k, _ in items), default=0))
+    for key, value in items:
+        shown = "-" if value is None or value == "" else str(value)
+        out.print(f"  {key + ':':<{width + 1}} {shown}", highlight=False, markup=False)
+
+
+DECISION_COLUMNS = (
+    Column("TARGET MODULE", squeeze=True),
+    Column("SOURCE MODULE", squeeze=True),
+    Column("PHI L", justify="right"),
+    Column("PHI R", justify="right"),
+    Column("DECISION"),
+)
+
+
+def decisions_table(
+    title: str | None, modules: Sequence[dict[str, Any]], *, wide: bool = False
+) -> None:
     """The module decisions (``migrator.documents.decision_document`` rows) as a table."""
-    table(
-        title,
-        ["target module", "source module", "phi left", "phi right", "decision"],
+    print_table(
+        out,
+        DECISION_COLUMNS,
         [
             (
                 m["target"],
@@ -160,35 +208,6 @@ def decisions_table(title: str, modules: Sequence[dict[str, Any]]) -> None:
             )
             for m in modules
         ],
+        wide=wide,
+        title=title,
     )
-
-
-def fmt_atc(value: object) -> str:
-    """A similarity or ATC with three decimals ("-" when there is none)."""
-    return "-" if value is None else f"{float(value):.3f}"  # type: ignore[arg-type]
-
-
-@contextmanager
-def progress_bar(
-    description: str, *, enabled: bool
-) -> Iterator[Callable[[int, int, str], None] | None]:
-    """A rich progress bar on stderr fed by ``callback(done, total, name)``; nothing when
-    disabled or when stderr is not a terminal."""
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[name]}", style="dim"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(description, total=None, name="")
-
-        def callback(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, name=name[-60:])
-
-        yield callback

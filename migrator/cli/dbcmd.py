@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from db import DatabaseNotAtHeadError, SchemaDriftError, migrations
 from migrator.cli.common import EXIT_FAILED, emit_json, guarded, out, state
-from migrator.database import ensure_sqlite_parent
+from migrator.cli.help import App
 
 __all__ = ["db_app"]
 
-db_app = typer.Typer(help="The job database's schema: upgrade it, check it.", no_args_is_help=True)
+db_app = App(help="The job database's schema: upgrade it, check it.", no_args_is_help=True)
 
 
 @db_app.command("upgrade")
@@ -20,6 +19,9 @@ def db_upgrade(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Migrate the job database (MIGRATOR_DATABASE_URL) to the code's schema."""
+    from db import migrations
+    from migrator.database import ensure_sqlite_parent
+
     url = state.settings().database_url.get_secret_value()
     ensure_sqlite_parent(url)
     before = migrations.current(url)
@@ -36,11 +38,21 @@ def db_upgrade(
 def db_check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Exit 0 when the job database is at head and matches the models; 1 otherwise."""
+    """Exit 0 when the job database is at head and matches the models; 1 otherwise.
+
+    Creates nothing: a SQLite file that does not exist is reported, not made.
+    """
+    from db import DatabaseNotAtHeadError, SchemaDriftError, migrations
+    from migrator.cli.jobdb import sqlite_file
+
     url = state.settings().database_url.get_secret_value()
-    current, head = migrations.current(url), migrations.head()
+    path = sqlite_file(url)
+    missing = path is not None and not path.is_file()
+    current, head = (None if missing else migrations.current(url)), migrations.head()
     problem = None
-    if current != head:
+    if missing:
+        problem = f"no job database at {path}: run `migrator db upgrade` to create it"
+    elif current != head:
         problem = str(DatabaseNotAtHeadError(current, head))  # the message other commands give
     else:
         try:

@@ -11,24 +11,27 @@ from core.errors import InputError
 from core.vocabulary import TransferMode
 from migrator.cli.common import (
     EXIT_BAD_INPUT,
+    JSON_OPTION,
+    WIDE_OPTION,
     decisions_table,
     emit_json,
     err,
     fail,
+    fields,
     fmt_atc,
     guarded,
     out,
     progress_bar,
     state,
-    table,
 )
 from migrator.registry import Tag, VersionRef
-from migrator.settings import Settings
 
 if TYPE_CHECKING:
     from core.transfer import TransferResult
     from migrator.adapters import CarriedAdapter
     from migrator.bases import BaseComparison, OpenedBase, ProgressFn
+    from migrator.documents import ModuleCounts
+    from migrator.settings import Settings
 
 __all__ = ["atc_command", "transfer_command"]
 
@@ -51,6 +54,22 @@ def _download(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str 
     return local, str(ref), info.tags.get(Tag.WEIGHTS_PATH) or None
 
 
+def _check_spec(spec: str) -> None:
+    """Refuse a missing file or a malformed ``models:/`` reference before anything heavy is
+    imported, so that bad input answers at once.
+
+    Raises:
+        InputError: naming the path or reference.
+    """
+    if spec.startswith("models:/"):
+        try:
+            VersionRef.parse(spec)
+        except ValueError as exc:
+            raise InputError(str(exc), path=spec) from None
+    elif not Path(spec).exists():
+        raise InputError("no such file or folder", path=spec)
+
+
 def _local(spec: str, settings: Settings, kind: str) -> tuple[Path, str, str | None]:
     if spec.startswith("models:/"):
         return _download(spec, settings, kind)
@@ -68,7 +87,7 @@ def _open(spec: str, settings: Settings, progress: ProgressFn | None) -> OpenedB
 
 
 def _atc_document(comparison: BaseComparison, src: str, tgt: str) -> dict[str, Any]:
-    from migrator.documents import decision_document
+    from migrator.documents import ModuleCounts, decision_document
 
     atc = comparison.atc
     return {
@@ -81,16 +100,19 @@ def _atc_document(comparison: BaseComparison, src: str, tgt: str) -> dict[str, A
         "target": tgt,
         "seconds": round(comparison.seconds, 3),
         "modules": [decision_document(d) for d in comparison.decisions],
+        "module_counts": ModuleCounts.of_decisions(comparison.decisions).document(),
     }
 
 
-def _print_atc(document: dict[str, Any], counts: dict[str, int], plot: Path | None) -> None:
-    decisions_table(f"{document['source']} -> {document['target']}", document["modules"])
+def _print_atc(
+    document: dict[str, Any], counts: ModuleCounts, plot: Path | None, *, wide: bool
+) -> None:
+    title = f"{document['source']} -> {document['target']}"
+    decisions_table(title, document["modules"], wide=wide)
     out.print(
         f"ATC [bold]{document['atc']:.3f}[/] (left {document['atc_left']:.3f}, right "
-        f"{document['atc_right']:.3f}; k = {document['similarity_rank']}); modules: "
-        f"{counts['same_name']} same name, {counts['rematched']} rematched, "
-        f"{counts['skipped']} skipped" + (f"; heatmap: {plot}" if plot else "")
+        f"{document['atc_right']:.3f}; k = {document['similarity_rank']}); {counts.text()}"
+        + (f"; heatmap: {', '.join(document['plots'])}" if plot else "")
     )
 
 
@@ -106,9 +128,12 @@ def atc_command(
     rank: int | None = typer.Option(
         None, "--rank", "-k", help="Similarity rank k (default: the similarity_rank setting)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    as_json: bool = JSON_OPTION,
+    wide: bool = WIDE_OPTION,
 ) -> None:
     """Adapter Transferability Cost of SOURCE -> TARGET, with every module's match."""
+    for spec in (source, target):
+        _check_spec(spec)
     from migrator.bases import compare_bases
 
     settings = state.settings()
@@ -118,25 +143,35 @@ def atc_command(
         src = _open(source, settings, progress)
         tgt = _open(target, settings, progress)
         comparison = compare_bases(src, tgt, settings)
-    if plot is not None:
-        comparison.plot(plot, source_label=src.label, target_label=tgt.label)
+    plots = (
+        []
+        if plot is None
+        else comparison.plot(plot, source_label=src.label, target_label=tgt.label)
+    )
     document = _atc_document(comparison, src.label, tgt.label)
     document["plot"] = None if plot is None else str(plot)
+    document["plots"] = [str(p) for p in plots]
     if as_json:
         emit_json(document)
     else:
-        _print_atc(document, comparison.counts, plot)
+        from migrator.documents import ModuleCounts
+
+        _print_atc(document, ModuleCounts.of_decisions(comparison.decisions), plot, wide=wide)
 
 
 def _transfer_document(
     carried: CarriedAdapter, comparison: BaseComparison | None, files: list[Path]
 ) -> dict[str, Any]:
+    from migrator.documents import ModuleCounts
+
     result = carried.result
     atc = None if comparison is None else comparison.atc
+    counts = ModuleCounts.of_transfer(result, None if comparison is None else comparison.decisions)
     return {
         "modules_transferred": result.modules_transferred,
         "modules_rematched": result.modules_rematched,
         "modules_skipped": result.modules_skipped,
+        "module_counts": counts.document(),
         "energy_retained": result.energy_retained,
         "atc": None if atc is None else atc.atc,
         "atc_left": None if atc is None else atc.atc_left,
@@ -183,17 +218,17 @@ def _refuse_partial(document: dict[str, Any], as_json: bool) -> NoReturn:
 
 
 def _print_transfer(document: dict[str, Any], title: str) -> None:
-    table(
+    c = document["module_counts"]
+    fields(
         title,
-        ["modules transferred", "rematched", "skipped", "energy retained", "ATC"],
         [
-            [
-                document["modules_transferred"],
-                document["modules_rematched"],
-                document["modules_skipped"],
-                f"{document['energy_retained']:.1%}",
-                fmt_atc(document["atc"]),
-            ]
+            (
+                "target modules: same name / rematched / skipped",
+                f"{c['target_same_name']} / {c['target_rematched']} / {c['target_skipped']}",
+            ),
+            ("adapter modules left out", f"{c['adapter_left_out']} of {c['adapter_modules']}"),
+            ("energy retained", f"{document['energy_retained']:.1%}"),
+            ("ATC", fmt_atc(document["atc"])),
         ],
     )
     for note in document["notes"]:
@@ -249,11 +284,13 @@ def transfer_command(
 
     Exits 1, writing nothing, when a module of the adapter reaches no module of the target,
     listing each by name and reason (--allow-partial writes the rest)."""
+    if mode not in {m.value for m in TransferMode}:
+        fail(f"--mode must be one of {MODES}, not {mode!r}", EXIT_BAD_INPUT)
+    for spec in (adapter, source, target):
+        _check_spec(spec)
     from migrator.adapters import carry_adapter, load_adapter, single_file_of, write_carried
     from migrator.bases import compare_bases
 
-    if mode not in {m.value for m in TransferMode}:
-        fail(f"--mode must be one of {MODES}, not {mode!r}", EXIT_BAD_INPUT)
     settings = state.settings()
     with progress_bar("factorizing", enabled=not as_json) as progress:
         src = _open(source, settings, progress)

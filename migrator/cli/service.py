@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from db import JobStatus, LeaseLostError, get_job, list_jobs, release, session_scope
 from migrator.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
+    JSON_OPTION,
+    WIDE_OPTION,
     emit_json,
     err,
     fail,
@@ -22,15 +23,14 @@ from migrator.cli.common import (
     guarded,
     out,
     state,
-    table,
 )
-from migrator.daemon import Daemon, StopToken
-from migrator.database import health_counts, prepare_database, wait_for_database
-from migrator.settings import Settings
+from migrator.cli.progress import PassProgress
+from migrator.cli.tables import Column, print_table
 
 if TYPE_CHECKING:
     from db import TransferJob
     from migrator.pipeline import Context, TickReport
+    from migrator.settings import Settings
 
 __all__ = [
     "health_command",
@@ -55,7 +55,9 @@ def job_row(job: TransferJob, detail: str | None = None) -> dict[str, object]:
         "source_base": doc["source_base"],
         "target_base": doc["target_base"],
         "atc": doc["atc"],
-        "decision": doc["policy_decision"],
+        "decision": doc["decision"],
+        "decided_by": doc["decided_by"],
+        "policy_decision": doc["policy_decision"],
         "status": doc["status"],
         "new_version": doc["result"],
         "reason": detail or doc["policy_reason"],
@@ -64,6 +66,7 @@ def job_row(job: TransferJob, detail: str | None = None) -> dict[str, object]:
 
 def _rows(ctx: Context, report: TickReport) -> list[dict[str, object]]:
     """One row per job planned or executed in the pass."""
+    from db import get_job, session_scope
     from migrator.pipeline.executor import OutcomeStatus
 
     results = {o.job_id: o for o in report.outcomes}
@@ -80,6 +83,8 @@ def _rows(ctx: Context, report: TickReport) -> list[dict[str, object]]:
                     "target_base": p.target_base,
                     "atc": p.atc,
                     "decision": p.decision,
+                    "decided_by": "policy",
+                    "policy_decision": p.decision,
                     "status": "would be " + p.decision,
                     "new_version": None,
                     "reason": p.reason,
@@ -95,55 +100,87 @@ def _rows(ctx: Context, report: TickReport) -> list[dict[str, object]]:
     return rows
 
 
-def print_job_rows(rows: list[dict[str, object]], *, title: str) -> None:
-    """The table of pass reports (``tick``, ``plan``, the demo)."""
-    table(
-        title,
-        [
-            "job",
-            "adapter",
-            "source base",
-            "target base",
-            "ATC",
-            "decision",
-            "status",
-            "new version",
-        ],
+PASS_COLUMNS = (
+    Column("JOB", justify="right"),
+    Column("ADAPTER", squeeze=True),
+    Column("TARGET", squeeze=True),
+    Column("ATC", justify="right"),
+    Column("POLICY SAID"),
+    Column("STATUS"),
+    Column("NEW VERSION", squeeze=True),
+    Column("SOURCE BASE", wide_only=True),
+    Column("DECIDED BY", wide_only=True),
+    Column("REASON", wide_only=True),
+)
+
+
+def print_job_rows(rows: list[dict[str, object]], *, title: str, wide: bool = False) -> None:
+    """The table of pass reports (``tick``, ``plan``, the demo): the job's state now, beside
+    what the policy said."""
+    print_table(
+        out,
+        PASS_COLUMNS,
         [
             [
-                r["job"] or "-",
+                r["job"],
                 r["adapter"],
-                r["source_base"],
                 r["target_base"],
                 fmt_atc(r["atc"]),
-                r["decision"],
+                r["policy_decision"],
                 r["status"],
-                r["new_version"] or "-",
-            ]  # type: ignore[arg-type]
+                r["new_version"],
+                r["source_base"],
+                r["decided_by"],
+                r["reason"],
+            ]
             for r in rows
         ],
+        wide=wide,
+        title=title,
     )
 
 
-def print_report(rows: list[dict[str, object]], report: TickReport, *, title: str) -> None:
+def waiting_for_approval(ctx: Context) -> int:
+    """How many transfers wait for an admin."""
+    from db import pending_approvals, session_scope
+
+    with session_scope(ctx.sessions) as session:
+        return len(pending_approvals(session=session))
+
+
+def print_report(
+    rows: list[dict[str, object]],
+    report: TickReport,
+    *,
+    title: str,
+    waiting: int = 0,
+    wide: bool = False,
+) -> None:
     if rows:
-        print_job_rows(rows, title=title)
+        print_job_rows(rows, title=title, wide=wide)
     for source, target in report.deprecated:
-        out.print(f"{source} deprecated: superseded by {target}")
+        out.print(f"{source} deprecated: superseded by {target}", highlight=False)
     for problem in report.problems:
         err.print(f"[yellow]warning:[/] {problem}", highlight=False)
-    if not rows:
+    if waiting:
+        out.print(
+            f"{'nothing new to do; ' if not rows else ''}{waiting} transfer"
+            f"{' waits' if waiting == 1 else 's wait'} for approval: see `migrator approvals list`",
+            highlight=False,
+        )
+    elif not rows:
         out.print("nothing to do: no adapter is stranded on a deprecated base")
 
 
 def _context(settings: Settings) -> Context:
+    from migrator.database import prepare_database
     from migrator.wiring import build_context
 
     prepare_database(settings.database_url.get_secret_value())
     return build_context(settings)
 
 
-def _document(rows: list[dict[str, object]], report: TickReport) -> dict[str, object]:
+def _document(rows: list[dict[str, object]], report: TickReport, waiting: int) -> dict[str, object]:
     return {
         "dry_run": report.dry_run,
         "bases": report.bases,
@@ -154,26 +191,38 @@ def _document(rows: list[dict[str, object]], report: TickReport) -> dict[str, ob
         "problems": report.problems,
         "duplicates": [{"version": d, "duplicate_of": k} for d, k in report.duplicates],
         "unavailable": report.unavailable,
+        "waiting_for_approval": waiting,
     }
 
 
-@guarded
-def tick_command(
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
-) -> None:
-    """Run one full pass (discover, assess, plan, transfer, register), then exit."""
+def _run_pass(ctx: Context, *, dry_run: bool, as_json: bool) -> TickReport:
+    """One pass, with progress on a terminal (quiet in JSON mode and in logs)."""
     from migrator.pipeline import run_once
 
+    with PassProgress.shown(err, enabled=not as_json) as progress:
+        if progress is not None:
+            ctx.on_progress = progress.say
+            ctx.on_count = progress.count
+            ctx.workspace.progress = lambda done, total, name: progress.count(
+                "factorizing", done, total, name
+            )
+        elif not as_json:
+            ctx.on_progress = lambda message: err.print(f"[dim]{message}[/]", highlight=False)
+        return run_once(ctx, dry_run=dry_run)
+
+
+@guarded
+def tick_command(as_json: bool = JSON_OPTION, wide: bool = WIDE_OPTION) -> None:
+    """Run one full pass (discover, assess, plan, transfer, register), then exit."""
     settings = state.settings()
     ctx = _context(settings)
-    if not as_json:
-        ctx.on_progress = lambda message: err.print(f"[dim]{message}[/]", highlight=False)
-    report = run_once(ctx)
+    report = _run_pass(ctx, dry_run=False, as_json=as_json)
     rows = _rows(ctx, report)
+    waiting = waiting_for_approval(ctx)
     if as_json:
-        emit_json(_document(rows, report))
+        emit_json(_document(rows, report, waiting))
     else:
-        print_report(rows, report, title="migration pass")
+        print_report(rows, report, title="migration pass", waiting=waiting, wide=wide)
     from migrator.pipeline.executor import FAILURES
 
     if report.unavailable:
@@ -183,25 +232,23 @@ def tick_command(
 
 
 @guarded
-def plan_command(
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
-) -> None:
+def plan_command(as_json: bool = JSON_OPTION, wide: bool = WIDE_OPTION) -> None:
     """Dry run: what a pass would plan, with ATC and policy decision; writes nothing.
 
     Only the factorization cache may fill (it is a cache).
     """
-    from migrator.pipeline import run_once
-
     settings = state.settings()
     ctx = _context(settings)
-    report = run_once(ctx, dry_run=True)
+    report = _run_pass(ctx, dry_run=True, as_json=as_json)
     rows = _rows(ctx, report)
+    waiting = waiting_for_approval(ctx)
     if as_json:
-        emit_json(_document(rows, report))
+        emit_json(_document(rows, report, waiting))
     else:
-        print_report(rows, report, title="plan (dry run: nothing written)")
+        title = "plan (dry run: nothing written)"
+        print_report(rows, report, title=title, waiting=waiting, wide=wide)
         for r in rows:
-            out.print(f"{r['adapter']} -> {r['target_base']}: {r['reason']}")
+            out.print(f"{r['adapter']} -> {r['target_base']}: {r['reason']}", highlight=False)
 
 
 def _heartbeat_file(settings: Settings) -> Path:
@@ -209,6 +256,8 @@ def _heartbeat_file(settings: Settings) -> Path:
 
 
 def _release_held(ctx: Context) -> None:
+    from db import JobStatus, LeaseLostError, list_jobs, release, session_scope
+
     worker = ctx.settings.worker_id
     with session_scope(ctx.sessions) as session:
         held = [
@@ -231,6 +280,9 @@ def run_command() -> None:
 
     Stops on SIGTERM/SIGINT after the job in hand; a second signal releases its lease at once.
     """
+    from migrator.daemon import Daemon, StopToken
+    from migrator.database import prepare_database, wait_for_database
+
     settings = state.settings()
     stop = StopToken()
     try:
@@ -291,7 +343,7 @@ def health_command(
     max_age_s: float | None = typer.Option(
         None, "--max-age", help="Oldest acceptable heartbeat (default: 3 poll intervals + 5 min)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Exit 0 when the daemon on this host finished a pass recently (for liveness probes).
 
@@ -314,10 +366,18 @@ def health_command(
             "last_pass": datetime.fromtimestamp(float(beat["at"]), UTC).isoformat(),
             "last_pass_result": beat.get("pass"),
         }
+    from migrator.database import health_counts
+
     doc.update(health_counts(settings.database_url.get_secret_value()))
     if as_json:
         emit_json(doc)
+    elif "reason" in doc:
+        out.print(f"unhealthy: {doc['reason']}", highlight=False)
     else:
-        out.print(("healthy" if doc["healthy"] else "unhealthy") + f": {doc}")
+        out.print(
+            f"{'healthy' if doc['healthy'] else 'unhealthy'}: last pass {doc['age_s']:.0f}s ago "
+            f"({doc['last_pass']}) by {doc['worker']}; the limit is {doc['max_age_s']:.0f}s",
+            highlight=False,
+        )
     if not doc["healthy"]:
         raise typer.Exit(EXIT_FAILED)

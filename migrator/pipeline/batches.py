@@ -9,7 +9,7 @@ so that they are reported (logged at ERROR, and ``migrator tick`` exits 1).
 
 from __future__ import annotations
 
-from db import claim, fail_exhausted_leases, session_scope
+from db import JobStatus, claim, count_by_status, fail_exhausted_leases, session_scope
 from migrator.pipeline.breaker import outage_reason
 from migrator.pipeline.context import Context, crash_point
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus, release_jobs
@@ -58,6 +58,7 @@ def run_batches(ctx: Context) -> list[JobOutcome]:
     except Exception as exc:
         if not _tripped(ctx, exc):
             raise
+    runnable, done = _runnable(ctx), 0
     while not (ctx.stop.requested or ctx.breaker.tripped):
         try:
             ids = _claim_batch(ctx)
@@ -75,4 +76,19 @@ def run_batches(ctx: Context) -> list[JobOutcome]:
                 raise
             for job_id in ids:  # whichever is still ours is given back by the next pass
                 ctx.breaker.keep_unreleased(job_id)
+        done += len(ids)
+        ctx.count("transferring", done, max(runnable, done))
     return outcomes
+
+
+def _runnable(ctx: Context) -> int:
+    """Approved jobs when execution starts (for progress; 0 when the database is away)."""
+    if ctx.breaker.tripped:
+        return 0
+    try:
+        with session_scope(ctx.sessions) as session:
+            return count_by_status(session=session)[JobStatus.APPROVED]
+    except Exception as exc:
+        if not _tripped(ctx, exc):
+            raise
+        return 0

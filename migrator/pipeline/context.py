@@ -137,8 +137,15 @@ class Context:
     stop: StopToken = field(default_factory=StopToken)
     breaker: Breaker = field(default_factory=Breaker)  # ends the pass on an outage
     on_progress: Callable[[str], None] | None = None
+    on_count: Callable[[str, int, int], None] | None = None
 
     def say(self, message: str) -> None:
         log.info(message)
         if self.on_progress is not None:
             self.on_progress(message)
+
+    def count(self, what: str, done: int, total: int) -> None:
+        """Progress of a long step (``transferring``: jobs done of those runnable), for a
+        terminal's progress bar; logs nothing."""
+        if self.on_count is not None:
+            self.on_count(what, done, total)

@@ -254,7 +254,7 @@ class Planner:
         """Store the assessment with its decisions and heatmap, rendered once for every run
         planned from it."""
         atc = result.atc
-        heatmap = result.heatmap_png(source_label=src_row.ref, target_label=tgt_row.ref)
+        figures = result.figures(source_label=src_row.ref, target_label=tgt_row.ref)
         row, _ = store_assessment(
             src_row.id,
             tgt_row.id,
@@ -264,7 +264,7 @@ class Planner:
             atc=atc.atc,
             module_pairs=[ModulePair(**decision_row(d)) for d in result.decisions],
             timings={"assess_s": result.seconds},
-            figures={"similarity.png": heatmap},
+            figures=figures,
             signals=dict(signals),
             session=session,
         )

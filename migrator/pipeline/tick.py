@@ -34,8 +34,9 @@ from migrator.pipeline.batches import run_batches
 from migrator.pipeline.context import Context
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus
 from migrator.pipeline.planning import PairATC, Planner, Proposal
+from migrator.pipeline.publishing import approve_by_alias, publish_pages
 from migrator.pipeline.reconcile import reconcile_duplicates
-from migrator.pipeline.snapshot import Snapshot, read_registry
+from migrator.pipeline.snapshot import Snapshot, parse_refs, read_registry
 from migrator.policy import signals_json
 from migrator.registry import Tag, VersionRef
 
@@ -73,6 +74,7 @@ class TickReport:
     replanned: list[tuple[int, str]] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (marked, kept)
     unavailable: str | None = None  # why the pass ended early (registry or database away)
+    alias_approvals: list[tuple[int, str]] = field(default_factory=list)  # (job, alias)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -131,6 +133,18 @@ def _record_catalog(ctx: Context, snapshot: Snapshot, planner: Planner, session:
     session.flush()
 
 
+def _superseded_by(snapshot: Snapshot, planner: Planner, ref: VersionRef, info_tag: str) -> str:
+    """Every usable base that names ``ref`` as a direct predecessor, with those the tag already
+    lists, as ``name/version[,...]`` in a stable order (name, then version number)."""
+    found, _ = parse_refs(info_tag)
+    found += [
+        other
+        for other in snapshot.bases
+        if ref in snapshot.direct_predecessors(other) and planner.usable(other)
+    ]
+    return ",".join(str(r) for r in sorted(set(found), key=lambda r: (r.name, int(r.version))))
+
+
 def _deprecate(
     ctx: Context,
     snapshot: Snapshot,
@@ -139,28 +153,28 @@ def _deprecate(
     report: TickReport,
     session: Session | None,
 ) -> None:
-    """Tag (and record) each predecessor of a usable active base as deprecated by it."""
-    for target, predecessors in successions.items():
-        if not planner.usable(target):
+    """Tag (and record) each predecessor of a usable active base as deprecated, superseded by
+    every successor (not only the last one seen)."""
+    predecessors = {
+        ref for target, refs in successions.items() if planner.usable(target) for ref in refs
+    }
+    for ref in sorted(predecessors, key=lambda r: (r.name, int(r.version))):
+        info = snapshot.bases.get(ref)
+        if info is None:
             continue
-        for ref in predecessors:
-            info = snapshot.bases.get(ref)
-            if info is None:
-                continue
-            tagged = info.tags.get(Tag.DEPRECATED) == "true"
-            if not tagged:
-                report.deprecated.append((str(ref), str(target)))
-                if session is not None:
-                    ctx.registry.set_tags(
-                        ref, {Tag.DEPRECATED: "true", Tag.SUPERSEDED_BY: str(target)}
-                    )
-                    ctx.say(f"{ref} deprecated: superseded by {target}")
+        successors = _superseded_by(snapshot, planner, ref, info.tags.get(Tag.SUPERSEDED_BY, ""))
+        tagged = info.tags.get(Tag.DEPRECATED) == "true"
+        if not tagged or info.tags.get(Tag.SUPERSEDED_BY) != successors:
+            report.deprecated.append((str(ref), successors))
             if session is not None:
-                row = find_base_version(ref.name, ref.version, session=session)
-                if row is not None and row.status is not BaseStatus.DEPRECATED:
-                    deprecate_base(
-                        row, info.tags.get(Tag.SUPERSEDED_BY) or str(target), session=session
-                    )
+                ctx.registry.set_tags(ref, {Tag.DEPRECATED: "true", Tag.SUPERSEDED_BY: successors})
+                ctx.say(f"{ref} deprecated: superseded by {successors}")
+        if session is not None:
+            row = find_base_version(ref.name, ref.version, session=session)
+            if row is not None and (
+                row.status is not BaseStatus.DEPRECATED or row.superseded_by != successors
+            ):
+                deprecate_base(row, successors, session=session)
 
 
 def _apply(ctx: Context, proposal: Proposal, session: Session) -> int | None:
@@ -263,6 +277,8 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
             ctx.say(f"job {job_id} {reason}")
     report.assessments = [_assessment_row(pair) for pair in planner.pairs]
     report.problems.extend(planner.base_problems)
+    if not dry_run:
+        report.alias_approvals = approve_by_alias(ctx)
     if execute and not dry_run:
         execute_runnable(ctx, report)
     report.unavailable = ctx.breaker.reason
@@ -271,6 +287,8 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
             "pass ended early: %s; no job spent an attempt on it, the next pass resumes",
             report.unavailable,
         )
+    if not dry_run and not report.unavailable:
+        report.problems.extend(publish_pages(ctx))
     for problem in report.problems:
         log.warning("registry content: %s", problem)
     return report

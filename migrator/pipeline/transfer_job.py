@@ -36,7 +36,7 @@ from migrator.adapters import (
     single_file_of,
     write_carried,
 )
-from migrator.documents import module_map
+from migrator.documents import ModuleCounts, module_map
 from migrator.pipeline.context import Workspace, crash_point
 from migrator.policy import (
     Signal,
@@ -292,6 +292,7 @@ def _metrics(
         "modules_transferred": result.modules_transferred,
         "modules_rematched": result.modules_rematched,
         "modules_skipped": result.modules_skipped,
+        **ModuleCounts.of_transfer(result, approved.decisions).metrics(),
     }
 
 
@@ -334,9 +335,7 @@ def _register(
         atc_right=approved.atc_right,
         mode=result.mode.value,
         energy_retained=result.energy_retained,
-        modules_transferred=result.modules_transferred,
-        modules_rematched=result.modules_rematched,
-        modules_skipped=result.modules_skipped,
+        counts=ModuleCounts.of_transfer(result, approved.decisions),
         approved_by=request.approved_by,
         is_lorax=result.is_lorax,
         notes=(*result.notes, *conversion_notes(result.adapter)),

@@ -12,6 +12,7 @@ import itertools
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from migrator.registry.base import (
@@ -23,6 +24,7 @@ from migrator.registry.base import (
     VersionNotFoundError,
     VersionRef,
 )
+from migrator.registry.pages import RegisteredModelInfo
 
 __all__ = ["MemoryRegistry"]
 
@@ -38,6 +40,7 @@ class MemoryRegistry:
         self.fail_next = 0
         self.drop_replies = 0
         self.calls: list[str] = []
+        self.models: dict[str, RegisteredModelInfo] = {}
 
     def _enter(self, what: str) -> None:
         self.calls.append(what)
@@ -173,3 +176,41 @@ class MemoryRegistry:
 
     def run_link(self, run: RunInfo) -> str:
         return f"#/experiments/{run.experiment_id}/runs/{run.run_id}"
+
+    # --- RegistryPages -----------------------------------------------------------------
+    def _model(self, name: str) -> RegisteredModelInfo:
+        return self.models.get(name) or RegisteredModelInfo(name)
+
+    def list_models(self) -> list[RegisteredModelInfo]:
+        self._enter("list_models")
+        names = sorted({r.name for r in self.versions} | set(self.models))
+        return [self._model(n) for n in names]
+
+    def set_version_description(self, ref: VersionRef, description: str) -> None:
+        self._enter(f"describe {ref}")
+        info = self.get_version(ref)
+        self.versions[ref] = ModelVersionInfo(**{**info.__dict__, "description": description})
+
+    def set_model_description(self, name: str, description: str) -> None:
+        self._enter(f"describe model {name}")
+        self.models[name] = replace(self._model(name), description=description)
+
+    def set_model_tags(self, name: str, tags: Mapping[str, str]) -> None:
+        self._enter(f"tag model {name}")
+        model = self._model(name)
+        self.models[name] = replace(model, tags={**model.tags, **tags})
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._enter(f"set alias {alias} of {name}")
+        self.get_version(VersionRef(name, version))
+        model = self._model(name)
+        self.models[name] = replace(model, aliases={**model.aliases, alias: version})
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._enter(f"delete alias {alias} of {name}")
+        model = self._model(name)
+        aliases = {k: v for k, v in model.aliases.items() if k != alias}
+        self.models[name] = replace(model, aliases=aliases)
+
+    def prepare_experiment(self, name: str) -> None:
+        """Nothing to prepare: runs live in a dictionary."""

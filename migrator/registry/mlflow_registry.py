@@ -33,6 +33,7 @@ from migrator.registry.base import (
     VersionRef,
 )
 from migrator.registry.mlflow_errors import first_line, is_transient
+from migrator.registry.mlflow_pages import MlflowPages
 from migrator.registry.retry import retry_call
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def _info(mv: ModelVersion) -> ModelVersionInfo:
     )
 
 
-class MlflowRegistry:
+class MlflowRegistry(MlflowPages):
     """An MLflow tracking server or store plus its model registry.
 
     Args:
@@ -356,4 +357,5 @@ class MlflowRegistry:
         return f"#/models/{quote(ref.name, safe='')}/versions/{ref.version}"
 
     def run_link(self, run: RunInfo) -> str:
-        return f"#/experiments/{run.experiment_id}/runs/{run.run_id}"
+        # The UI opens in its GenAI layout unless told otherwise: a migration run is training.
+        return f"#/experiments/{run.experiment_id}/runs/{run.run_id}?workflowType=machine_learning"

@@ -45,6 +45,8 @@ MAX_DELIVERY_ID = 255  # the job database's column
 RELEVANT_EVENTS = {
     ("model_version", "created"),
     ("model_version_tag", "set"),
+    ("model_version_alias", "created"),  # an approval given in the UI (lorax-approved-<job>)
+    ("model_version_alias", "deleted"),
 }
 
 #: ``remember(delivery_id, timestamp)``: True for a delivery id not seen inside the window.

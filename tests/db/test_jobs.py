@@ -30,6 +30,7 @@ from db import (
     retry,
     session_scope,
 )
+from db.errors import STATE_PHRASES
 from tests.db.seed import Bases, seed_adapter, seed_bases, seed_job
 
 S = JobStatus
@@ -208,7 +209,9 @@ def test_commands_refuse_other_states_and_change_nothing(
         job = seed_job(session, seed_bases(session), "a", decision=None)
         job.status = start  # set directly: the state under test, not how it got there
         job_id = job.id
-    refused = pytest.raises(IllegalTransitionError, match=f"job {job_id} is {start.value}")
+    verb = command.__name__
+    said = STATE_PHRASES[start.value]
+    refused = pytest.raises(IllegalTransitionError, match=f"cannot {verb} job {job_id}: it {said}")
     with refused, session_scope(factory) as session:
         command(job_id, "mallory", "because", session=session)
     with session_scope(factory) as session:
@@ -245,3 +248,32 @@ def test_session_scope_rolls_back_on_error(factory: sessionmaker[Session]) -> No
         raise RuntimeError("boom")
     with session_scope(factory) as session:
         assert _job_count(session) == 0
+
+
+@pytest.mark.parametrize("start", [S.APPROVED, S.RUNNING, S.SUCCEEDED])
+def test_approving_an_approved_job_changes_nothing(
+    factory: sessionmaker[Session], start: JobStatus
+) -> None:
+    with session_scope(factory) as session:
+        job_id = seed_job(session, seed_bases(session), "a", decision=S.PENDING_APPROVAL).id
+        approve(job_id, "alice", "first look", session=session)
+        get_job(job_id, session=session).status = start
+    with session_scope(factory) as session:
+        trail = [(e.actor, e.reason) for e in audit_trail(job_id, session=session)]
+        assert ("alice", "first look") in trail
+        again = approve(job_id, "bob", "second look", session=session)
+        assert again.status is start
+    with session_scope(factory) as session:
+        assert [(e.actor, e.reason) for e in audit_trail(job_id, session=session)] == trail
+
+
+def test_retrying_a_succeeded_job_says_so(factory: sessionmaker[Session]) -> None:
+    with session_scope(factory) as session:
+        job = seed_job(session, seed_bases(session), "a", decision=None)
+        job.status = S.SUCCEEDED
+        job_id = job.id
+    with session_scope(factory) as session, pytest.raises(IllegalTransitionError) as refused:
+        retry(job_id, "erin", session=session)
+    assert str(refused.value) == (
+        f"cannot retry job {job_id}: it has succeeded (retry applies to failed jobs)"
+    )
