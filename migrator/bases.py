@@ -72,21 +72,32 @@ class OpenedBase:
         store: factors of every matrix of the base, computed on demand (transfers reach any
             module an adapter adapts).
         selected: the modules the ATC compares (``module_patterns``).
+        exact_assessment: the ATC reads exact leading triplets (``assessment_factors=exact``),
+            else randomized ones.
+        assessment_rank: ``similarity_rank`` when opened.
     """
 
     label: str
     source: WeightSource
     store: FactorStore
     selected: tuple[str, ...]
+    exact_assessment: bool = False
+    assessment_rank: int = 32  # similarity_rank: the k the ATC reads
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Every matrix of the base, name -> (m, n): what adapter names resolve against."""
         return {info.name: info.shape for info in self.source.modules()}
 
     def factors_at(self, k: int) -> dict[str, Factors]:
-        """The leading k triplets of every selected module (batched by shape, cached)."""
-        self.store.prefetch(self.selected, rank=k)
-        return {name: self.store.factors(name, rank=k) for name in self.selected}
+        """The leading k triplets of every selected module, batched by shape and cached: from
+        the randomized range finder (``assessment_factors=randomized``, the default: its
+        accuracy bound is :func:`core.svd.factorize_batch`'s), or the exact leading triplets
+        (``exact``) without keeping the complete SVD."""
+        if self.exact_assessment:
+            self.store.prefetch(self.selected, rank=k, complete=False)
+            return {n: self.store.factors(n, rank=k, complete=False) for n in self.selected}
+        self.store.prefetch(self.selected, rank=k, exact=False)
+        return {n: self.store.factors(n, rank=k, exact=False) for n in self.selected}
 
 
 def open_base(
@@ -113,11 +124,19 @@ def open_base(
         )
     store = FactorStore(
         source,
-        cache=FactorCache(settings.cache_dir),
+        cache=FactorCache(settings.cache_dir, max_bytes=settings.cache_max_bytes),
         device=settings.device.value,
         progress=progress,
     )
-    return OpenedBase(label or str(path), source, store, names)
+    exact = settings.assessment_factors == "exact"
+    return OpenedBase(
+        label or str(path),
+        source,
+        store,
+        names,
+        exact_assessment=exact,
+        assessment_rank=settings.similarity_rank,
+    )
 
 
 @dataclass(frozen=True)

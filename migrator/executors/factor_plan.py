@@ -77,10 +77,19 @@ def split_modules(
     return sorted(groups, key=lambda g: g.cost, reverse=True)
 
 
+def _cached(base: OpenedBase, name: str, rank: int) -> bool:
+    cache = base.store.cache
+    assert cache is not None
+    exact = base.exact_assessment
+    found = cache.get(base.source.digest(name), rank=rank, exact=exact, variant=base.store.variant)
+    return found is not None
+
+
 def factor_groups(
     base: OpenedBase,
     *,
     parallelism: int,
+    rank: int | None = None,
     version: ModelVersionInfo | None = None,
     tasks_per_worker: int = 2,
     max_bytes: int = BATCH_BYTES,
@@ -89,18 +98,19 @@ def factor_groups(
     """The factorization tasks of a base's assessed modules (see :func:`split_modules`).
 
     Args:
-        base: the base (headers and content digests only are read here).
+        base: the base (headers, content digests and cache entries are read here).
+        rank: the similarity rank the assessment reads (default: the base's).
         parallelism: workers expected to take the tasks (GPUs, or CPU slots).
         version: the base's registry version, for workers that cannot reach ``base``'s path.
-        skip_cached: leave out modules whose complete factors are in the cache already.
+        skip_cached: leave out modules whose assessment factors (the leading
+            ``similarity_rank`` triplets, randomized or exact as ``base`` assesses) are cached.
     """
     store = base.store
     modules = []
     for name in base.selected:
-        if skip_cached and store.cache is not None:
-            entry = store.cache.entry_path(base.source.digest(name), "exact", None)
-            if entry.is_file():
-                continue
+        k = base.assessment_rank if rank is None else rank
+        if skip_cached and store.cache is not None and _cached(base, name, k):
+            continue
         modules.append((name, store.shape(name)))
     return split_modules(
         modules,

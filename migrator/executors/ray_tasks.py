@@ -165,10 +165,14 @@ def factorize_task(settings: Settings, group: FactorGroup) -> GroupReport:
     store = FactorStore(
         _group_source(settings, group),
         group.names,
-        cache=FactorCache(settings.cache_dir),
+        cache=FactorCache(settings.cache_dir, max_bytes=settings.cache_max_bytes),
         device=settings.device.value,
     )
-    store.prefetch()
+    k, exact = settings.similarity_rank, settings.assessment_factors == "exact"
+    if exact:  # what the assessment reads: the leading k triplets of each module
+        store.prefetch(rank=k, complete=False)
+    else:
+        store.prefetch(rank=k, exact=False)
     return GroupReport(
         label=group.label,
         shape=group.shape,
