@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -93,7 +94,20 @@ Carried = tuple[Pair, int, tuple[str, ...]]
 Target = Factors | RangeBasis | None
 """What a carrier reads of the target base: factors, a range basis (project mode at full rank)
 or nothing."""
-Carrier = Callable[[LoraModule, KindStrategy, Factors | None, Target, int | None], Carried]
+
+
+class CarryJob(NamedTuple):
+    """What a carrier works on: the module, its kind's strategy, the factors it was given and
+    the rank asked for."""
+
+    module: LoraModule
+    strategy: KindStrategy
+    source: Factors | None
+    target: Target
+    rank: int | None
+
+
+Carrier = Callable[[CarryJob], Carried]
 
 
 def _need(factors: Factors | RangeBasis | None, k: int, name: str) -> Factors:
@@ -105,13 +119,8 @@ def _need(factors: Factors | RangeBasis | None, k: int, name: str) -> Factors:
     return factors
 
 
-def _carry_project(
-    module: LoraModule,
-    strategy: KindStrategy,
-    source: Factors | None,
-    target: Target,
-    rank: int | None,
-) -> Carried:
+def _carry_project(job: CarryJob) -> Carried:
+    module, strategy, source, target, rank = job
     pair = strategy.pair(module, source)
     if target is None:  # square at full rank: the projectors are the identity
         return pair, min(module.shape), ()
@@ -126,13 +135,8 @@ def _carry_project(
     return project(pair, left, right), k, ()
 
 
-def _carry_reshaped(
-    module: LoraModule,
-    strategy: KindStrategy,
-    source: Factors | None,
-    target: Target,
-    rank: int | None,
-) -> Carried:
+def _carry_reshaped(job: CarryJob) -> Carried:
+    module, strategy, source, target, rank = job
     assert source is not None and target is not None
     pair = strategy.pair(module, source)
     cap = min(min(target.shape), source.full_rank)
@@ -140,13 +144,8 @@ def _carry_reshaped(
     return reshaped(pair, _need(source, k, module.name), _need(target, k, module.name), k), k, ()
 
 
-def _carry_subspace(
-    module: LoraModule,
-    strategy: KindStrategy,
-    source: Factors | None,
-    target: Target,
-    rank: int | None,
-) -> Carried:
+def _carry_subspace(job: CarryJob) -> Carried:
+    module, strategy, source, target, rank = job
     assert target is not None
     pair = strategy.pair(module, source)
     r = _result_rank(module, target.shape, TransferMode.SUBSPACE, rank)
@@ -154,13 +153,8 @@ def _carry_subspace(
     return subspace(pair, coordinates, _need(target, r, module.name), r), r, ()
 
 
-def _carry_copy(
-    module: LoraModule,
-    strategy: KindStrategy,
-    source: Factors | None,
-    target: Target,
-    rank: int | None,
-) -> Carried:
+def _carry_copy(job: CarryJob) -> Carried:
+    module, strategy, source, target, rank = job
     assert target is not None
     r = _result_rank(module, target.shape, TransferMode.COPY, rank)
     ds, notes = strategy.copy_ds(module, source, r)
@@ -235,7 +229,7 @@ def transfer_module(
         if wanted is not None and given is None:
             raise ValueError(f"module {module.name}: this transfer needs the {side} base's factors")
     carry = CARRIERS[(mode, module.shape != target_shape)]
-    pair, k, carried_notes = carry(module, strategy, source, target, rank)
+    pair, k, carried_notes = carry(CarryJob(module, strategy, source, target, rank))
     notes = (*strategy.notes, *_shape_notes(module, target_shape, mode, strategy), *carried_notes)
     up, down = pair.up.float().contiguous(), pair.down.float().contiguous()
     if not (all_finite(up) and all_finite(down)):
