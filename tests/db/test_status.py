@@ -17,6 +17,7 @@ from db import (
     can_transition,
     transition,
 )
+from db.errors import STATE_PHRASES
 
 S = JobStatus
 DOCUMENTED_EDGES = {
@@ -63,7 +64,8 @@ def test_every_other_pair_is_refused() -> None:
         assert job.status is current, (current, requested)
         assert raised.value.current == current.value
         assert raised.value.requested == requested.value
-        assert f"job 7 is {current.value}" in str(raised.value)
+        phrase = STATE_PHRASES.get(current.value, f"is {current.value}")  # "has failed", ...
+        assert f"job 7 {phrase}" in str(raised.value)
 
 
 def test_groups() -> None:
