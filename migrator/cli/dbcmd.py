@@ -51,7 +51,8 @@ def db_check(
     current, head = (None if missing else migrations.current(url)), migrations.head()
     problem = None
     if missing:
-        problem = f"no job database at {path}: run `migrator db upgrade` to create it"
+        # Named as other commands name an empty database, and where it would be.
+        problem = f"no job database at {path}: {DatabaseNotAtHeadError(None, head)}"
     elif current != head:
         problem = str(DatabaseNotAtHeadError(current, head))  # the message other commands give
     else:
