@@ -2,12 +2,13 @@
 
     python bench/ray_scale.py [--quick] [--model sdxl] [--address ADDRESS] [--device cpu|cuda]
 
-Base A of ``bench/shapes.py``'s model (SDXL UNet: 560 attention matrices, float16, sharded) is
-factorized completely (full thin SVD of every selected matrix, what ``assess`` needs), into an
-empty factor cache, each path in a fresh process:
+Base A of ``bench/shapes.py``'s model (SDXL UNet: 560 attention matrices, float16, sharded) gets
+the factors the assessment reads (the leading ``similarity_rank`` triplets of every selected
+matrix, randomized unless ``assessment_factors=exact``), into an empty factor cache, each path in
+a fresh process:
 
-- **local**: what ``MIGRATOR_EXECUTOR=local`` runs: one ``FactorStore.prefetch()`` in the
-  process, torch on every core (2 threads here);
+- **local**: what ``MIGRATOR_EXECUTOR=local`` runs: ``OpenedBase.factors_at`` in the process,
+  batched by shape, torch on every core (2 threads here);
 - **ray**: what ``MIGRATOR_EXECUTOR=ray`` runs: ``migrator.executors.factor_plan.factor_groups`` cuts the
   base into tasks by shape group and ``factorize_on_ray`` runs them (1 CPU and 1 torch thread a
   task), on a local Ray with 2 CPUs (or the cluster at ``--address``). Timed apart: Ray's start,
@@ -67,7 +68,7 @@ def work_local(p: dict[str, Any]) -> dict[str, Any]:
     base = open_base(Path(p["base"]), _settings(p), label=p["label"])
     load_before = measure.load_average()[0]
     with measure.Timer() as t:
-        base.store.prefetch(base.selected)
+        base.factors_at(base.assessment_rank)
     return {
         "load_1min": [load_before, measure.load_average()[0]],
         "seconds": t.seconds,

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from core.errors import NonFiniteError
-from core.factor_cache import FactorCache
 from core.factorize import FactorStore, factorize
 from migrator.bases import OpenedBase, open_base
 from migrator.executors.factor_plan import FactorGroup, factor_groups
@@ -136,18 +135,19 @@ def test_prefetch_factorizes_each_base_once_on_ray_into_the_shared_cache(
 
     executor.prefetch(ctx, infos)
 
-    cache = FactorCache(settings.cache_dir)
     for base in bases:
         assert factor_groups(base, parallelism=2) == []  # every module is in the cache
-        fresh = FactorStore(base.source, base.selected, cache=cache)
-        for name, factors in fresh.iter_factors():
-            matrix = base.source.matrix(name)
-            want = factorize(matrix)  # here, with this process's threads: float32 rounding
-            torch.testing.assert_close(factors.S, want.S, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(factors.U[:, :8], want.U[:, :8], rtol=0, atol=1e-4)
-            rebuilt = (factors.U * factors.S) @ factors.V.T
-            torch.testing.assert_close(rebuilt, matrix, rtol=0, atol=1e-4)
-        assert fresh.computed == 0  # the daemon's assessment computes nothing itself
+        fresh = open_base(Path(base.source.path), settings)  # a new store on the same cache
+        leading = fresh.factors_at(fresh.assessment_rank)
+        assert fresh.store.computed == 0  # the daemon's assessment computes nothing itself
+        for name, factors in leading.items():
+            want = factorize(base.source.matrix(name))  # exact, here
+            k = factors.S.numel()
+            assert k == min(fresh.assessment_rank, *base.source.matrix(name).shape)
+            torch.testing.assert_close(factors.S, want.S[:k], rtol=1e-3, atol=1e-4)
+            # the same leading subspace: every cosine of the principal angles near 1
+            cosines = torch.linalg.svdvals(factors.U.T @ want.U[:, :k])
+            assert float(cosines[: k // 2].min()) > 0.99, name
 
 
 @pytest.mark.ray
