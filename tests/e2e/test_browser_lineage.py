@@ -81,7 +81,9 @@ def test_lineage_links_walk_both_ways_in_the_ui(
     story.register_v1_with_adapters()
     story.register_successors()
     ctx = build_context(settings, registry)
-    run_once(ctx)
+    for _ in range(3):  # a pass the loaded server timed out ends early; the next one resumes
+        if not run_once(ctx).unavailable:
+            break
     with session_scope(ctx.sessions) as session:
         results = {
             j.adapter_version.ref: VersionRef.parse(j.result_ref)
