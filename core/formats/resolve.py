@@ -188,6 +188,44 @@ def _candidates(name: str, index: _Index) -> tuple[tuple[str, ...], MatchRule | 
     return (), None
 
 
+def _problem(
+    name: str,
+    module: LoraModule,
+    found: tuple[str, ...],
+    rule: MatchRule | None,
+    adapter: LoraAdapter,
+    index: _Index,
+    base_modules: Mapping[str, tuple[int, int]],
+    owner: Mapping[str, str],
+) -> UnmatchedModule | None:
+    """Why the adapter module ``name`` cannot take the base module it resolved to (None: it
+    can): no match, several, another shape, or a base module another one adapts already."""
+    if not found or rule is None:
+        cause = likely_cause(name, adapter, index.names)
+        return UnmatchedModule(
+            name, UnmatchedReason.NO_SUCH_MODULE, f"matches no base module; likely cause: {cause}"
+        )
+    if len(found) > 1:
+        shown = ", ".join(sorted(found)[:4])
+        return UnmatchedModule(
+            name, UnmatchedReason.AMBIGUOUS, f"matches {len(found)} base modules: {shown}"
+        )
+    if tuple(base_modules[found[0]]) != module.shape:
+        return UnmatchedModule(
+            name,
+            UnmatchedReason.SHAPE_MISMATCH,
+            f"base module {found[0]} has shape {tuple(base_modules[found[0]])}, "
+            f"the adapter's update has shape {module.shape}",
+        )
+    if found[0] in owner:
+        return UnmatchedModule(
+            name,
+            UnmatchedReason.DUPLICATE,
+            f"base module {found[0]} is already adapted by {owner[found[0]]}",
+        )
+    return None
+
+
 def resolve_modules(
     adapter: LoraAdapter,
     base_modules: Mapping[str, tuple[int, int]],
@@ -223,32 +261,7 @@ def resolve_modules(
     owner: dict[str, str] = {}
     for name, module in adapter.modules.items():
         found, rule = _candidates(name, index)
-        problem: UnmatchedModule | None = None
-        if not found or rule is None:
-            cause = likely_cause(name, adapter, index.names)
-            problem = UnmatchedModule(
-                name,
-                UnmatchedReason.NO_SUCH_MODULE,
-                f"matches no base module; likely cause: {cause}",
-            )
-        elif len(found) > 1:
-            shown = ", ".join(sorted(found)[:4])
-            problem = UnmatchedModule(
-                name, UnmatchedReason.AMBIGUOUS, f"matches {len(found)} base modules: {shown}"
-            )
-        elif tuple(base_modules[found[0]]) != module.shape:
-            problem = UnmatchedModule(
-                name,
-                UnmatchedReason.SHAPE_MISMATCH,
-                f"base module {found[0]} has shape {tuple(base_modules[found[0]])}, "
-                f"the adapter's update has shape {module.shape}",
-            )
-        elif found[0] in owner:
-            problem = UnmatchedModule(
-                name,
-                UnmatchedReason.DUPLICATE,
-                f"base module {found[0]} is already adapted by {owner[found[0]]}",
-            )
+        problem = _problem(name, module, found, rule, adapter, index, base_modules, owner)
         if problem is not None:
             if strict:
                 _raise(adapter, module, problem)
