@@ -16,11 +16,12 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install install-dev demo test check lint format typecheck imports bench clean
+.PHONY: help install install-dev demo test test-bench check lint format typecheck imports bench clean
 
 help:
 	@echo "make demo    run one migration on real models with the embedded defaults (./.demo/)"
-	@echo "make test    lint, import contracts and the whole test suite"
+	@echo "make test    lint, import contracts and the test suite"
+	@echo "make test-bench  every benchmark's --quick mode, on toy models (CI runs it too)"
 	@echo "make check   make test plus the type check"
 	@echo "make bench   the benchmarks (see bench/README.md)"
 
@@ -61,10 +62,16 @@ imports: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-# pytest exits 5 when it collected nothing: that must fail, not pass quietly.
+# pytest exits 5 when it collected nothing: that must fail, not pass quietly. The benchmarks'
+# quick modes (marker `bench`, minutes of whole-script runs) are `make test-bench`.
 test: lint imports
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -m "not bench" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+test-bench: $(DEV_STAMP)
+	@$(BIN)/python -m pytest -m bench $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-bench: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
 check: typecheck test

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 
+pytestmark = pytest.mark.bench  # a whole benchmark script: make test-bench
+
 ROOT = Path(__file__).resolve().parents[2]
 MAX_REL_DIFF = 1e-5
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench  # a whole benchmark script: make test-bench
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

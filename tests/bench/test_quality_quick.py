@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.bench  # a whole benchmark script: make test-bench
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {
     "rohan-pristine", "harder-2", "harder-4", "harder-6", "pruned", "random", "random-ffn"
