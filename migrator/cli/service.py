@@ -192,6 +192,7 @@ def _document(rows: list[dict[str, object]], report: TickReport, waiting: int) -
         "duplicates": [{"version": d, "duplicate_of": k} for d, k in report.duplicates],
         "unavailable": report.unavailable,
         "waiting_for_approval": waiting,
+        "listing": report.listing,
     }
 
 
