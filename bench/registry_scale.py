@@ -7,22 +7,26 @@ An embedded MLflow registry (SQLite) grows through the sizes, one registry per *
 share of its versions that are the migrator's: ``lorax.*``-tagged bases and adapters; the rest
 are other teams' model versions without those tags). The migrator's adapters are LoRA-X
 adapters of a base ``big/1`` that has no successor, in lineages of 10 versions: all already
-migrated, so a pass finds nothing to do. At each size, in fresh processes:
+migrated, so a pass finds nothing to do. At each size, side by side in the same run, two
+watchers on fresh job databases: **incremental** (the default, ``MIGRATOR_FULL_RECONCILE_EVERY``
+= 30: a pass reads only what changed since the last one) and **full listing** (= 1: every pass
+reads every version, as before the watcher kept a cursor). For each, in fresh processes:
 
 - **daemon**: ``build_context`` once, then ``run_once`` as the scheduler calls it: a first pass
-  (it records the catalog of every version in a fresh job database), then ``--passes`` idle
-  passes (the figure of interest), with the resident memory after each and the peak;
-- **tick**: ``migrator tick --json`` as a subprocess (``--ticks`` times), wall time from start
-  to exit (start-up included) and its peak RSS;
-- **baseline** (in the daemon's process, the same run): listing every version with
-  ``MlflowClient.search_model_versions`` in pages of 1,000 (the floor of a watcher that lists
-  everything) and listing only the ``lorax.role = adapter`` versions; the tables give each pass
-  as a ratio to the full listing, and each size's idle pass as a ratio to the smallest size's.
+  (it records the catalog of every version in a fresh job database), a second one (it reads
+  again what the first one's page writes touched), then ``--passes`` idle passes (the figure
+  of interest), with the resident memory after each and the peak;
+- **tick**: ``migrator tick --json`` as a subprocess (``--ticks`` times, on the daemon's job
+  database), wall time from start to exit (start-up included) and its peak RSS.
 
-Then, once (the largest registry of the first share), **drain**: ``--drain`` new adapters are
-registered on a base ``enc/1`` and its successor ``enc/2`` arrives; one daemon pass deprecates
-``enc/1``, assesses the pair and transfers and registers every adapter: its time, jobs and the
-process's RSS at its start and end. This is a baseline of today's watcher (issue 15, item 5).
+The tables give each idle pass as a ratio to the full listing's, and (in the incremental
+worker) the floor of any watcher that lists everything: ``MlflowClient.search_model_versions``
+over every version in pages of 1,000, and over the ``lorax.role = adapter`` versions.
+
+Then, once (the largest registry of the first share, incremental), **drain**: a daemon on the
+idle passes' job database runs one idle pass, ``--drain`` new adapters are registered on a base
+``enc/1`` and its successor ``enc/2`` arrives; one pass deprecates ``enc/1``, assesses the pair and transfers and registers every adapter: its
+time, jobs and the process's RSS at its start and end (issue 15, item 5).
 Results: ``bench/results/registry_scale.json`` (``--quick``: ``bench/.cache/``).
 """
 
@@ -58,10 +62,14 @@ def _uri(work: Path) -> str:
     return f"sqlite:///{work / 'mlflow.db'}"
 
 
-def _settings_env(work: Path) -> dict[str, str]:
-    """The migrator's settings for this registry (environment form)."""
+MODES = {"incremental": "30", "full": "1"}  # MIGRATOR_FULL_RECONCILE_EVERY of each watcher
+
+
+def _settings_env(work: Path, mode: str) -> dict[str, str]:
+    """The migrator's settings for this registry and watcher (environment form)."""
     return {
-        "MIGRATOR_DATA_DIR": str(work / "data"),
+        "MIGRATOR_FULL_RECONCILE_EVERY": MODES[mode],
+        "MIGRATOR_DATA_DIR": str(work / f"data-{mode}"),
         "MIGRATOR_TRACKING_URI": _uri(work),
         "MIGRATOR_DEVICE": "cpu",
         "MIGRATOR_REGISTRY_RETRIES": "0",
@@ -183,7 +191,8 @@ def _baseline(uri: str) -> dict[str, Any]:
 
 
 def work_daemon(p: dict[str, Any]) -> dict[str, Any]:
-    """``run_once`` as the daemon runs it: one context, a first pass, idle passes, a drain."""
+    """``run_once`` as the daemon runs it: one context, a first and a second pass, idle
+    passes, a drain."""
     os.environ.update(p["env"])
     from migrator.database import prepare_database
     from migrator.pipeline import run_once
@@ -193,22 +202,39 @@ def work_daemon(p: dict[str, Any]) -> dict[str, Any]:
     settings = load_settings()
     prepare_database(settings.database_url.get_secret_value())
     ctx = build_context(settings)
-    started = time.perf_counter()
-    first = run_once(ctx)
-    out: dict[str, Any] = {"first_pass_s": time.perf_counter() - started, "idle_s": []}
-    out["seen"] = {"bases": first.bases, "adapters": first.adapters}
+    out: dict[str, Any] = {"idle_s": [], "listings": []}
+    for label in ("first_pass_s", "second_pass_s"):
+        started = time.perf_counter()
+        report = run_once(ctx)
+        out[label] = time.perf_counter() - started
+        out["listings"].append(report.listing)
+        if label == "first_pass_s":
+            out["seen"] = {"bases": report.bases, "adapters": report.adapters}
     out["rss_mb"] = [measure.rss_mb()]
     for _ in range(p["passes"]):
         t = time.perf_counter()
         report = run_once(ctx)
         out["idle_s"].append(time.perf_counter() - t)
         out["rss_mb"].append(measure.rss_mb())
+        out["listings"].append(report.listing)
         assert not report.planned and not report.outcomes, "an idle pass found work"
-    out["baseline"] = _baseline(p["env"]["MIGRATOR_TRACKING_URI"])
-    if p.get("drain_work"):
-        Registry(Path(p["drain_work"]), create=False).add_drain(p["drain"])
-        out["drain"] = _drain(ctx, run_once)
+    out["idle_peak_rss_mb"] = measure.peak_rss_mb()  # before any drain
+    if p.get("listing_floor"):
+        out["baseline"] = _baseline(p["env"]["MIGRATOR_TRACKING_URI"])
     return out
+
+
+def work_drain(p: dict[str, Any]) -> dict[str, Any]:
+    """A daemon on the job database of the idle passes: one idle pass, then the drain."""
+    os.environ.update(p["env"])
+    from migrator.pipeline import run_once
+    from migrator.settings import load_settings
+    from migrator.wiring import build_context
+
+    ctx = build_context(load_settings())
+    idle = run_once(ctx)
+    Registry(Path(p["drain_work"]), create=False).add_drain(p["drain"])
+    return {"idle_listing": idle.listing, **_drain(ctx, run_once)}
 
 
 def _drain(ctx: Any, run_once: Any) -> dict[str, Any]:
@@ -252,35 +278,61 @@ def _tick(env: dict[str, str], threads: int | None) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(f"migrator tick failed ({proc.returncode}): {stderr.read()[-2000:]}")
         document = json.loads(stdout.read())
-    return {"wall_s": seconds, "jobs": len(document["jobs"]), "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {
+        "wall_s": seconds,
+        "jobs": len(document["jobs"]),
+        "listing": document.get("listing"),
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+    }
 
 
 # --- orchestration ---------------------------------------------------------------------------
 
 
-def measure_size(
-    registry: Registry, size: int, args: argparse.Namespace, *, drain: bool
+def _measure_mode(
+    registry: Registry, size: int, mode: str, args: argparse.Namespace, *, drain: bool
 ) -> dict[str, Any]:
-    """One size of one registry: the daemon worker, the ticks (fresh job database each)."""
-    data = registry.work / "data"
-    shutil.rmtree(data, ignore_errors=True)
-    env = _settings_env(registry.work)
+    """One watcher on a fresh job database: the daemon worker, then the ticks on its database."""
+    env = _settings_env(registry.work, mode)
+    shutil.rmtree(env["MIGRATOR_DATA_DIR"], ignore_errors=True)
     payload: dict[str, Any] = {"task": "daemon", "env": env | ENV, "passes": args.passes}
-    if drain:
-        payload |= {"drain_work": str(registry.work), "drain": args.drain}
-    print(f"   {size} versions: daemon ...", flush=True)
+    payload["listing_floor"] = mode == "incremental"
+    print(f"   {size} versions, {mode}: daemon ...", flush=True)
     daemon = measure.run_worker(SCRIPT, payload, threads=args.threads, timeout=7200)
     ticks = []
     for i in range(args.ticks):
-        print(f"   {size} versions: migrator tick ({i + 1}) ...", flush=True)
+        print(f"   {size} versions, {mode}: migrator tick ({i + 1}) ...", flush=True)
         ticks.append(_tick(env, args.threads))
+    if drain:
+        print(f"   {size} versions, {mode}: drain of {args.drain} adapters ...", flush=True)
+        payload |= {"task": "drain", "drain_work": str(registry.work), "drain": args.drain}
+        daemon["drain"] = measure.run_worker(SCRIPT, payload, threads=args.threads, timeout=7200)
+    shutil.rmtree(env["MIGRATOR_DATA_DIR"], ignore_errors=True)
     return {
-        "size": size,
-        "counts": dict(registry.counts),
         "daemon": daemon,
         "ticks": ticks,
         "idle_median_s": statistics.median(daemon["idle_s"]),
         "tick_median_s": statistics.median(t["wall_s"] for t in ticks) if ticks else None,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def measure_size(
+    registry: Registry, size: int, args: argparse.Namespace, *, drain: bool
+) -> dict[str, Any]:
+    """One size of one registry: the full-listing watcher, then the incremental one (which
+    drains last, since the drain adds versions)."""
+    full = _measure_mode(registry, size, "full", args, drain=False)
+    incremental = _measure_mode(registry, size, "incremental", args, drain=drain)
+    return {
+        "size": size,
+        "counts": dict(registry.counts),
+        "modes": {"incremental": incremental, "full": full},
+        "idle_full_over_incremental": _ratio(full["idle_median_s"], incremental["idle_median_s"]),
+        "tick_full_over_incremental": _ratio(full["tick_median_s"], incremental["tick_median_s"]),
         "load_average": [round(x, 2) for x in measure.load_average()],
     }
 
@@ -297,44 +349,61 @@ def run_share(share: float, args: argparse.Namespace, scratch: Path, first: bool
         print(f"   {size} versions registered in {time.perf_counter() - t:.0f}s", flush=True)
         last = i == len(args.sizes) - 1
         rows.append(measure_size(registry, size, args, drain=first and last and args.drain > 0))
-    base = rows[0]["idle_median_s"]
+    base = rows[0]["modes"]["incremental"]["idle_median_s"]
     for row in rows:
-        listing = row["daemon"]["baseline"]["list_all_s"]
-        row["idle_over_listing"] = row["idle_median_s"] / listing if listing else None
-        row["idle_over_smallest"] = row["idle_median_s"] / base if base else None
+        row["idle_over_smallest"] = _ratio(row["modes"]["incremental"]["idle_median_s"], base)
     shutil.rmtree(work, ignore_errors=True)
     return {"share": share, "rows": rows}
 
 
+def _mode_row(r: dict[str, Any], share: float, mode: str) -> list[object]:
+    m = r["modes"][mode]
+    d, ticks = m["daemon"], m["ticks"]
+    rss = d["rss_mb"]
+    return [
+        r["size"], f"{share:.0%}", mode, d["seen"]["adapters"], round(d["first_pass_s"], 2),
+        round(d["second_pass_s"], 2), round(m["idle_median_s"], 3), "/".join(d["listings"][2:]),
+        m["tick_median_s"] and round(m["tick_median_s"], 2),
+        f"{rss[0]:.0f} -> {rss[-1]:.0f}", round(d["idle_peak_rss_mb"]),
+        round(max(t["peak_rss_mb"] or 0 for t in ticks)) if ticks else None,
+    ]  # fmt: skip
+
+
 def print_tables(result: dict[str, Any]) -> None:
     """The Markdown tables of a result document."""
-    rows = []
-    for section in result.get("registries", []):
-        for r in section["rows"]:
-            d, ticks = r["daemon"], r["ticks"]
-            rss = d["rss_mb"]
-            rows.append(
-                [
-                    r["size"], f"{section['share']:.0%}", d["seen"]["adapters"],
-                    round(d["first_pass_s"], 2), round(r["idle_median_s"], 3),
-                    r["tick_median_s"], round(d["baseline"]["list_all_s"], 3),
-                    round(d["baseline"]["list_adapters_s"], 3),
-                    f"{r['idle_over_listing']:.1f}", f"{r['idle_over_smallest']:.1f}",
-                    f"{rss[0]:.0f} -> {rss[-1]:.0f}", round(d["peak_rss_mb"]),
-                    round(max(t["peak_rss_mb"] or 0 for t in ticks)) if ticks else None,
-                ]
-            )  # fmt: skip
+    sections = result.get("registries", [])
+    rows = [
+        _mode_row(r, s["share"], mode)
+        for s in sections for r in s["rows"] for mode in ("full", "incremental")
+    ]  # fmt: skip
     measure.print_table(
-        "An idle pass (nothing new) against the registry's size; baseline: listing every "
-        "version (same run)",
-        ["versions", "ours", "adapters seen", "first pass s", "idle pass s", "tick s",
-         "list all s", "list adapters s", "x list all", "x smallest", "daemon RSS MB",
-         "daemon peak MB", "tick peak MB"],
+        "An idle pass (nothing new) against the registry's size: the full-listing watcher "
+        "(MIGRATOR_FULL_RECONCILE_EVERY=1) and the incremental one (default), same run",
+        ["versions", "ours", "watcher", "adapters seen", "first pass s", "second pass s",
+         "idle pass s", "idle reads", "tick s", "daemon RSS MB", "daemon peak MB",
+         "tick peak MB"],
         rows,
     )  # fmt: skip
+    ratios = []
+    for s in sections:
+        for r in s["rows"]:
+            floor = r["modes"]["incremental"]["daemon"].get("baseline", {})
+            ratios.append([
+                r["size"], f"{s['share']:.0%}", measure.fmt(r["idle_full_over_incremental"], 1),
+                measure.fmt(r["tick_full_over_incremental"], 1),
+                measure.fmt(r["idle_over_smallest"], 1),
+                measure.fmt(floor.get("list_all_s"), 3), measure.fmt(floor.get("list_adapters_s"), 3),
+            ])  # fmt: skip
+    measure.print_table(
+        "Ratios: full listing over incremental (idle pass in the daemon, `migrator tick`), the "
+        "incremental idle pass over the smallest size's; the floor of listing everything",
+        ["versions", "ours", "daemon x", "tick x", "x smallest", "list all s",
+         "list adapters s"],
+        ratios,
+    )  # fmt: skip
     drains = [
-        (s["share"], r) for s in result.get("registries", []) for r in s["rows"]
-        if "drain" in r["daemon"]
+        (s["share"], r) for s in sections for r in s["rows"]
+        if "drain" in r["modes"]["incremental"]["daemon"]
     ]  # fmt: skip
     if drains:
         measure.print_table(
@@ -345,7 +414,7 @@ def print_tables(result: dict[str, Any]) -> None:
                 [r["size"], f"{share:.0%}", d["planned"], d["outcomes"], round(d["pass_s"], 1),
                  d["rss_start_mb"], d["rss_end_mb"]]
                 for share, r in drains
-                for d in [r["daemon"]["drain"]]
+                for d in [r["modes"]["incremental"]["daemon"]["drain"]]
             ],
         )  # fmt: skip
 
@@ -417,6 +486,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        measure.worker_main({"daemon": work_daemon})
+        measure.worker_main({"daemon": work_daemon, "drain": work_drain})
     else:
         sys.exit(main())

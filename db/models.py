@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Enum,
     Float,
     ForeignKey,
@@ -45,7 +46,9 @@ __all__ = [
     "BaseModelVersion",
     "Lineage",
     "ModulePair",
+    "RegistryCursor",
     "RegistryEvent",
+    "RegistryMark",
     "TransferJob",
     "WebhookDelivery",
 ]
@@ -82,6 +85,9 @@ class BaseModelVersion(Base):
         _enum_column_type(BaseStatus, "status"), default=BaseStatus.ACTIVE
     )
     superseded_by: Mapped[str | None] = mapped_column(String(_REF))  # "name/version"
+    # Why its weights cannot be used (None: usable, or not opened yet); kept so that a pass
+    # need not download it again to know, until the registry changes it or a full reconcile.
+    problem: Mapped[str | None] = mapped_column(Text)
     discovered_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     @property
@@ -344,3 +350,43 @@ class WebhookDelivery(Base):
     delivery_id: Mapped[str] = mapped_column(String(255), unique=True)
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)  # X-MLflow-Timestamp
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RegistryCursor(Base):
+    """How far the watcher has read one registry (one row per registry: ``registry_key`` is a
+    digest of its URI), so that a pass lists only what is new.
+
+    ``listed_ms`` is the registry's clock at the newest version creation or update a pass has
+    planned from; ``listed_seen`` holds the versions inside the overlap window before it
+    (``name/version`` -> their time), so that a late commit inside the window is still caught
+    and nothing is planned twice. ``published_at`` and ``published_seen`` do the same for jobs
+    whose registry pages are in step. ``bases_digest`` fingerprints the base versions and the
+    tags that decide succession: when it moves, the pass reads every adapter.
+    """
+
+    __tablename__ = "registry_cursors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    registry_key: Mapped[str] = mapped_column(String(64), unique=True)
+    listed_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    listed_seen: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    bases_digest: Mapped[str | None] = mapped_column(String(64))
+    passes_since_full: Mapped[int] = mapped_column(Integer, default=0)
+    full_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    published_seen: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class RegistryMark(Base):
+    """A model version a webhook delivery said changed in a way the registry's search cannot
+    show (MLflow does not move a version's update time when a tag is set): the next pass
+    reads its registered model again, then deletes the mark."""
+
+    __tablename__ = "registry_marks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(_NAME))
+    version: Mapped[str] = mapped_column(String(_VERSION))
+    event: Mapped[str] = mapped_column(String(64))  # entity.action of the delivery
+    marked_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -21,6 +21,7 @@ from core.layers import ordered_plan
 from core.matching import Decision, ModuleDecision, match_modules
 from core.selection import DEFAULT_PATTERNS, ModuleSelector, RoleRule
 from core.weights import WeightSource
+from migrator.assessment_params import assessment_parameters
 from migrator.settings import Settings
 
 __all__ = [
@@ -45,21 +46,6 @@ def role_rule(settings: Settings) -> RoleRule:
 def selector(settings: Settings) -> ModuleSelector:
     """The modules the ATC compares (``module_patterns``, default: the attention projections)."""
     return ModuleSelector(tuple(settings.module_patterns or DEFAULT_PATTERNS))
-
-
-def assessment_parameters(settings: Settings) -> dict[str, object]:
-    """Everything an assessment's result depends on besides the two bases' weights."""
-    return {
-        "similarity_rank": settings.similarity_rank,
-        "weighted": settings.weighted_similarity,
-        "combine": settings.atc_combine.value,
-        "module_min_similarity": settings.module_min_similarity,
-        "match_strategy": settings.match_strategy.value,
-        "merge_weights": settings.merge_weights.value,
-        "order_preserving_layers": settings.order_preserving_layers,
-        "patterns": list(settings.module_patterns or DEFAULT_PATTERNS),
-        "role_substitutions": [list(p) for p in settings.role_substitutions],
-    }
 
 
 @dataclass

@@ -208,6 +208,12 @@ class Settings(BaseSettings):
 
     # --- the daemon --------------------------------------------------------------------
     poll_interval_s: float = Field(60.0, gt=0, description="Seconds between registry polls.")
+    full_reconcile_every: int = Field(
+        30,
+        ge=1,
+        description="Every Nth pass reads the whole registry (the others read what changed): "
+        "it catches tags set without a webhook delivery and deleted versions. 1: every pass.",
+    )
     worker_id: str = Field(
         default_factory=_default_worker_id, description="Lease owner name of this process."
     )

@@ -192,6 +192,7 @@ def _document(rows: list[dict[str, object]], report: TickReport, waiting: int) -
         "duplicates": [{"version": d, "duplicate_of": k} for d, k in report.duplicates],
         "unavailable": report.unavailable,
         "waiting_for_approval": waiting,
+        "listing": report.listing,
     }
 
 
@@ -213,7 +214,7 @@ def _run_pass(ctx: Context, *, dry_run: bool, as_json: bool) -> TickReport:
 
 @guarded
 def tick_command(as_json: bool = JSON_OPTION, wide: bool = WIDE_OPTION) -> None:
-    """Run one full pass (discover, assess, plan, transfer, register), then exit."""
+    """Run one pass (discover what changed, assess, plan, transfer, register), then exit."""
     settings = state.settings()
     ctx = _context(settings)
     report = _run_pass(ctx, dry_run=False, as_json=as_json)
@@ -316,7 +317,12 @@ def run_command() -> None:
     stop = daemon.stop
     receiver = None
     if settings.webhook_enabled:
-        from migrator.webhook import WebhookLimits, WebhookReceiver, database_deliveries
+        from migrator.webhook import (
+            WebhookLimits,
+            WebhookReceiver,
+            database_deliveries,
+            database_marks,
+        )
 
         if settings.webhook_secret is None:
             fail("webhook_enabled needs webhook_secret (MIGRATOR_WEBHOOK_SECRET)", EXIT_BAD_INPUT)
@@ -328,6 +334,7 @@ def run_command() -> None:
             daemon.poll_now,
             limits=limits,
             deliveries=database_deliveries(ctx.sessions, limits.timestamp_window_s),
+            marks=database_marks(ctx.sessions),
         )
         receiver.start()
     try:

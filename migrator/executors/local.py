@@ -9,10 +9,8 @@ from functools import partial
 from db import LeaseLostError
 from migrator.pipeline.breaker import outage_reason
 from migrator.pipeline.context import Context
-from migrator.pipeline.execution import give_back, load_request, mark_started, settle
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus, release_jobs
 from migrator.pipeline.lease_keeper import LeaseKeeper
-from migrator.pipeline.transfer_job import perform_transfer
 from migrator.registry import ModelVersionInfo
 
 __all__ = ["LocalExecutor"]
@@ -53,6 +51,11 @@ class LocalExecutor:
 
 def _run_one(ctx: Context, job_id: int, leases: LeaseKeeper) -> JobOutcome:
     """Load one claimed job, spend its attempt, transfer it, record how it ended."""
+    # Imported here: the transfer loads torch and the model formats, which a pass that runs
+    # no job never needs (``migrator tick`` with nothing to do starts faster without them).
+    from migrator.pipeline.execution import give_back, load_request, mark_started, settle
+    from migrator.pipeline.transfer_job import perform_transfer
+
     try:
         request = load_request(ctx, job_id)
         mark_started(ctx, job_id)

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from migrator.bases import OpenedBase, ProgressFn, open_base
 from migrator.daemon import StopToken
 from migrator.pipeline.breaker import Breaker
 from migrator.registry import ModelVersionInfo, Registry, Tag, VersionRef
 from migrator.settings import Settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the math (torch) is loaded by the first base opened, not by every pass
+    from migrator.bases import OpenedBase, ProgressFn
     from migrator.functional.service import BaseFolder, FunctionalBench
     from migrator.pipeline.executor import Executor
 
@@ -96,6 +96,8 @@ class Workspace:
         if ref in self._bases:
             self._bases.move_to_end(ref)
             return self._bases[ref]
+        from migrator.bases import open_base
+
         root = self._download("bases", ref)
         base = open_base(
             root,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -29,13 +29,16 @@ from db import (
     stale_pending_jobs,
     store_assessment,
 )
-from migrator.bases import BaseComparison, assessment_parameters, compare_bases
+from migrator.assessment_params import assessment_parameters
 from migrator.documents import decision_row
 from migrator.pipeline.context import Context
 from migrator.pipeline.snapshot import AdapterEntry, Snapshot
 from migrator.policy import PolicyDecision, Signal, agreement_of, plan_decision
 from migrator.registry import ModelVersionInfo, RegistryError, RegistryUnavailableError, VersionRef
 from migrator.settings import Settings
+
+if TYPE_CHECKING:  # the math is loaded by the pass that assesses, not by every pass
+    from migrator.bases import BaseComparison
 
 __all__ = ["PairATC", "Planner", "Prefetch", "Proposal", "pair_decision"]
 
@@ -119,6 +122,7 @@ class Planner:
         dry_run: compute assessments but store nothing.
         known_usable: bases already found usable (their weights were opened in an earlier
             pass), so that a pass need not download every base to know who supersedes whom.
+        known_problems: bases already found unusable, and why (not opened again either).
     """
 
     def __init__(
@@ -129,9 +133,11 @@ class Planner:
         prefetch: Prefetch | None = None,
         dry_run: bool = False,
         known_usable: frozenset[VersionRef] = frozenset(),
+        known_problems: Mapping[VersionRef, str] | None = None,
     ) -> None:
         self.ctx = ctx
         self.known_usable = known_usable
+        self.known_problems = dict(known_problems or {})
         self.snapshot = snapshot
         self.prefetch = prefetch
         self.dry_run = dry_run
@@ -149,6 +155,8 @@ class Planner:
                 self._usable[ref] = f"base {ref} is not in the registry"
             elif ref in self.known_usable:  # opened and recorded by an earlier pass
                 self._usable[ref] = None
+            elif ref in self.known_problems:
+                self._usable[ref] = self.known_problems[ref]
             else:
                 try:
                     self.ctx.workspace.base(info)
@@ -192,6 +200,8 @@ class Planner:
             if stored is not None:
                 return _stored_pair(source, target, stored)
         self.ctx.say(f"assessing {source} -> {target}")
+        from migrator.bases import compare_bases
+
         try:
             if self.prefetch is not None:  # Ray: factorize on the cluster first
                 self.prefetch((self.snapshot.bases[source], self.snapshot.bases[target]))

@@ -8,7 +8,8 @@
 - Lineage sections on base and adapter version pages, one-line descriptions and a
   ``lorax.role`` tag on registered models, and the migration experiment's kind.
 
-Only registries offering :class:`~migrator.registry.pages.RegistryPages` are written to.
+Only registries offering :class:`~migrator.registry.pages.RegistryPages` are written to, and
+only the pages a change can reach (:mod:`migrator.pipeline.page_scope`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from db import JobStatus, approve, get_job, list_jobs, session_scope
+from db import JobStatus, approve, get_job, pending_approvals, session_scope
 from migrator.pages import (
     Carry,
     adapter_section,
@@ -26,10 +27,13 @@ from migrator.pages import (
     model_description,
 )
 from migrator.pipeline.context import Context
-from migrator.pipeline.snapshot import Snapshot, parse_refs, read_registry
+from migrator.pipeline.page_scope import PageScope, page_scope
+from migrator.pipeline.snapshot import AdapterEntry, Snapshot, adapter_entry, parse_refs
+from migrator.pipeline.watch import Watch, changed_job_ids, save_job_changes
 from migrator.registry import (
     ROLE_ADAPTER,
     ROLE_BASE,
+    Registry,
     RegistryError,
     RegistryUnavailableError,
     Tag,
@@ -53,30 +57,18 @@ def _order(ref: VersionRef) -> tuple[str, int]:
     return (ref.name, int(ref.version) if ref.version.isdigit() else 0)
 
 
-def _carries(ctx: Context) -> list[Carry]:
-    with session_scope(ctx.sessions) as session:
-        return [
-            Carry(
-                job_id=job.id,
-                adapter=VersionRef(job.adapter_version.name, job.adapter_version.version),
-                source_base=VersionRef(job.source_base.name, job.source_base.version),
-                target=VersionRef(job.target_base.name, job.target_base.version),
-                status=job.status.value,
-                result=VersionRef.parse(job.result_ref) if job.result_ref else None,
-                atc=job.atc,
-            )
-            for job in list_jobs(session=session)
-        ]
-
-
 def approve_by_alias(ctx: Context) -> list[tuple[int, str]]:
     """Approve every pending job whose ``lorax-approved-<job>`` alias an admin set on its
     adapter's registered model. Returns (job id, alias) of each."""
     registry = ctx.registry
     if not isinstance(registry, RegistryPages):
         return []
+    with session_scope(ctx.sessions) as session:  # only a waiting job's alias can approve it
+        waiting = {job.adapter_version.name for job in pending_approvals(session=session)}
+    if not waiting:
+        return []
     wanted: dict[int, tuple[str, str]] = {}
-    for model in registry.list_models():
+    for model in registry.find_models(waiting):
         for alias in model.aliases:
             parsed = Alias.parse(alias)
             if parsed is not None and parsed[0] == "approved":
@@ -129,15 +121,28 @@ def _sync_aliases(
             registry.set_alias(name, alias, version)
 
 
-def _base_pages(
-    registry: RegistryPages, snapshot: Snapshot, carries: Sequence[Carry], link: Link
-) -> None:
+def _adapters_on(registry: RegistryPages, scope: PageScope, ref: VersionRef) -> list[AdapterEntry]:
+    """The adapter versions on base ``ref`` (the snapshot's when it holds every lineage)."""
+    if scope.snapshot.complete:
+        return [e for e in scope.snapshot.adapters.values() if e.base == ref]
+    assert isinstance(registry, Registry)
+    on_base = Snapshot({ref: scope.snapshot.bases[ref]}, {})
+    found = registry.list_versions(role=ROLE_ADAPTER, tags={Tag.BASE: str(ref)})
+    on_base.adapters = {e.ref: e for e in (adapter_entry(v) for v in found) if e is not None}
+    on_base.drop_marked_duplicates()
+    return [e for e in on_base.adapters.values() if e.base == ref]
+
+
+def _base_pages(registry: RegistryPages, scope: PageScope, link: Link) -> None:
+    snapshot, carries = scope.snapshot, scope.carries
     successors = {
         ref: sorted(parse_refs(info.tags.get(Tag.SUPERSEDED_BY, ""))[0], key=_order)
         for ref, info in snapshot.bases.items()
         if info.tags.get(Tag.DEPRECATED) == "true"
     }
     for ref, info in sorted(snapshot.bases.items(), key=lambda item: _order(item[0])):
+        if scope.bases is not None and ref not in scope.bases:
+            continue
         predecessors = sorted((p for p, s in successors.items() if ref in s), key=_order)
         carried = [c for c in carries if c.source_base == ref]
         arrived = [c for c in carries if c.target == ref and c.result is not None]
@@ -147,9 +152,9 @@ def _base_pages(
         arrivals = {c.result for c in arrived}
         adapters = sorted(
             (
-                a
-                for a, e in snapshot.adapters.items()
-                if e.base == ref and (a not in arrivals or a in sources)
+                e.ref
+                for e in _adapters_on(registry, scope, ref)
+                if e.ref not in arrivals or e.ref in sources
             ),
             key=_order,
         )
@@ -167,9 +172,8 @@ def _base_pages(
             registry.set_version_description(ref, text)
 
 
-def _adapter_pages(
-    registry: RegistryPages, snapshot: Snapshot, carries: Sequence[Carry], link: Link
-) -> None:
+def _adapter_pages(registry: RegistryPages, scope: PageScope, link: Link) -> None:
+    snapshot, carries = scope.snapshot, scope.carries
     for ref, entry in sorted(snapshot.adapters.items(), key=lambda item: _order(item[0])):
         carried = [c for c in carries if c.adapter == ref]
         came_from = next((c for c in carries if c.result == ref), None)
@@ -205,27 +209,43 @@ def _model_pages(
             registry.set_model_description(name, wanted)
 
 
-def publish_pages(ctx: Context) -> list[str]:
+def publish_pages(
+    ctx: Context,
+    watch: Watch,
+    snapshot: Snapshot | None,
+    deprecated: Sequence[tuple[str, str]] = (),
+) -> list[str]:
     """Aliases, version and model descriptions, model tags and the experiment kind, from the
-    registry as it is now and the job database. Returns the problems met (a refused write is
-    reported, not fatal; an unreachable registry ends the pass as any registry call does)."""
+    registry as it is now and the job database, for the pages a change of this pass or of a
+    job can reach (every page after a full read).
+
+    Args:
+        watch: what the pass read of the registry.
+        snapshot: what it read (None when nothing).
+        deprecated: (base, successors) it deprecated.
+
+    Returns:
+        The problems met (a refused write is reported, not fatal, and tried again by the next
+        pass; an unreachable registry ends the pass as any registry call does).
+    """
     registry = ctx.registry
     if not isinstance(registry, RegistryPages):
         return []
+    changes = changed_job_ids(ctx, watch.key)
     try:
-        snapshot = read_registry(ctx.registry)
-        models = {m.name: m for m in registry.list_models()}
-        carries = _carries(ctx)
-        _sync_aliases(registry, models, carries)
-        link = ctx.registry.version_link
-        _base_pages(registry, snapshot, carries, link)
-        _adapter_pages(registry, snapshot, carries, link)
-        _model_pages(registry, snapshot, models)
-        if carries:
-            registry.prepare_experiment(ctx.settings.experiment_name)
+        scope = page_scope(ctx, registry, watch, snapshot, changes, deprecated)
+        if scope is not None:
+            _sync_aliases(registry, scope.models, scope.carries)
+            link = ctx.registry.version_link
+            _base_pages(registry, scope, link)
+            _adapter_pages(registry, scope, link)
+            _model_pages(registry, scope.snapshot, scope.models)
+            if scope.carries:
+                registry.prepare_experiment(ctx.settings.experiment_name)
     except RegistryUnavailableError:
         raise
     except RegistryError as exc:
         log.warning("registry pages not updated: %s", exc)
         return [f"registry pages not updated: {exc}"]
+    save_job_changes(ctx, changes)
     return []

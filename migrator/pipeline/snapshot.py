@@ -8,8 +8,8 @@ used neither deprecates nor is deprecated by it: bad content affects nothing els
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
 
 from db.enums import AdapterFormat
 from migrator.registry import (
@@ -21,7 +21,14 @@ from migrator.registry import (
     VersionRef,
 )
 
-__all__ = ["AdapterEntry", "Snapshot", "parse_refs", "read_registry"]
+__all__ = [
+    "AdapterEntry",
+    "Snapshot",
+    "adapter_entry",
+    "parse_refs",
+    "read_lineages",
+    "read_registry",
+]
 
 
 def parse_refs(raw: str) -> tuple[list[VersionRef], list[str]]:
@@ -60,11 +67,28 @@ class AdapterEntry:
 
 @dataclass
 class Snapshot:
-    """Base and adapter versions in the registry, and the problems found reading them."""
+    """Base and adapter versions in the registry, and the problems found reading them.
+
+    Every base version is read; the adapter versions are those of every lineage when
+    ``complete``, else those of the registered models in ``lineages_read`` (all their versions).
+    """
 
     bases: dict[VersionRef, ModelVersionInfo]
     adapters: dict[VersionRef, AdapterEntry]
     problems: list[str] = field(default_factory=list)
+    complete: bool = True
+    lineages_read: frozenset[str] = frozenset()
+
+    def with_lineages(self, other: Snapshot) -> Snapshot:
+        """This snapshot with ``other``'s bases, and ``other``'s versions of the lineages it
+        read in place of these."""
+        kept = {r: e for r, e in self.adapters.items() if r.name not in other.lineages_read}
+        return replace(self, bases=other.bases, adapters={**kept, **other.adapters})
+
+    def drop_marked_duplicates(self) -> None:
+        """Leave out the versions the reconciler tagged as doubling another."""
+        for ref in [r for r, e in self.adapters.items() if Tag.DUPLICATE_OF in e.info.tags]:
+            del self.adapters[ref]
 
     def direct_predecessors(self, ref: VersionRef) -> list[VersionRef]:
         """Earlier versions of the same registered model, then those ``lorax.supersedes`` names."""
@@ -116,7 +140,10 @@ class Snapshot:
         return out
 
 
-def _adapter_entry(info: ModelVersionInfo, problems: list[str]) -> AdapterEntry | None:
+def adapter_entry(info: ModelVersionInfo, problems: list[str] | None = None) -> AdapterEntry | None:
+    """The adapter version as its tags describe it; None when ``lorax.base`` is not a base
+    reference. What is wrong with its tags is added to ``problems``."""
+    problems = [] if problems is None else problems
     raw_base = info.tags.get(Tag.BASE, "")
     try:
         base = VersionRef.parse(raw_base)
@@ -137,10 +164,11 @@ def _adapter_entry(info: ModelVersionInfo, problems: list[str]) -> AdapterEntry 
     return AdapterEntry(info, base, fmt)
 
 
-def read_registry(registry: Registry) -> Snapshot:
-    """Read every base and adapter version (two searches) into a :class:`Snapshot`."""
+def _snapshot(
+    base_infos: Iterable[ModelVersionInfo], adapter_infos: Iterable[ModelVersionInfo]
+) -> Snapshot:
     problems: list[str] = []
-    bases = {v.ref: v for v in registry.list_versions(role=ROLE_BASE) if v.version.isdigit()}
+    bases = {v.ref: v for v in base_infos if v.version.isdigit()}
     for info in bases.values():
         refs, bad = parse_refs(info.tags.get(Tag.SUPERSEDES, ""))
         problems += [
@@ -152,11 +180,28 @@ def read_registry(registry: Registry) -> Snapshot:
                     f"base {info.ref}: supersedes {named}, which is not a registered base"
                 )
     adapters: dict[VersionRef, AdapterEntry] = {}
-    for info in registry.list_versions(role=ROLE_ADAPTER):
-        entry = _adapter_entry(info, problems)
+    for info in adapter_infos:
+        entry = adapter_entry(info, problems)
         if entry is not None:
             adapters[entry.ref] = entry
     for entry in adapters.values():
         if entry.base is not None and entry.base not in bases:
             problems.append(f"adapter {entry.ref}: its base {entry.base} is not in the registry")
     return Snapshot(bases, adapters, problems)
+
+
+def read_registry(registry: Registry) -> Snapshot:
+    """Read every base and adapter version (two searches) into a :class:`Snapshot`."""
+    return _snapshot(
+        registry.list_versions(role=ROLE_BASE), registry.list_versions(role=ROLE_ADAPTER)
+    )
+
+
+def read_lineages(registry: Registry, names: Collection[str]) -> Snapshot:
+    """Read every base version, and the adapter versions of the registered models ``names``
+    only (an incomplete :class:`Snapshot`)."""
+    bases = registry.list_versions(role=ROLE_BASE)
+    adapters = registry.list_model_versions(names, role=ROLE_ADAPTER) if names else []
+    snapshot = _snapshot(bases, adapters)
+    snapshot.complete, snapshot.lineages_read = False, frozenset(names)
+    return snapshot

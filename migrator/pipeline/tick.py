@@ -1,7 +1,8 @@
 """``run_once``: the one pass that the scheduler, ``migrator tick``, ``migrator plan`` and the
 tests all call.
 
-discover base and adapter versions -> apply succession rules and tag predecessors deprecated ->
+discover base and adapter versions (every one, or those changed since the last pass:
+:mod:`migrator.pipeline.watch`) -> apply succession rules and tag predecessors deprecated ->
 assess each (source, target) pair once -> plan one job per adapter lineage and target under the
 approval policy -> claim and execute approved jobs -> report. Each pass also resolves versions
 registered twice (:mod:`migrator.pipeline.reconcile`), and ends early, spending no job's attempt,
@@ -14,12 +15,12 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import (
     AdapterOrigin,
-    BaseModelVersion,
+    AdapterVersion,
     BaseStatus,
     apply_policy_decision,
     deprecate_base,
@@ -28,17 +29,24 @@ from db import (
     get_or_create_adapter_version,
     get_or_create_base_version,
     get_or_create_job,
+    known_bases,
+    known_counts,
+    params_hash,
+    recorded_adapters,
     session_scope,
+    stale_pending_jobs,
 )
+from migrator.assessment_params import assessment_parameters
 from migrator.pipeline.batches import run_batches
 from migrator.pipeline.context import Context
 from migrator.pipeline.executor import JobOutcome, OutcomeStatus
 from migrator.pipeline.planning import PairATC, Planner, Proposal
 from migrator.pipeline.publishing import approve_by_alias, publish_pages
 from migrator.pipeline.reconcile import reconcile_duplicates
-from migrator.pipeline.snapshot import Snapshot, parse_refs, read_registry
+from migrator.pipeline.snapshot import AdapterEntry, Snapshot, parse_refs
+from migrator.pipeline.watch import Listing, Watch, begin_watch, read_snapshot, save_watch
 from migrator.policy import signals_json
-from migrator.registry import Tag, VersionRef
+from migrator.registry import ROLE_BASE, Tag, VersionRef
 
 __all__ = ["PlannedJob", "TickReport", "execute_runnable", "run_once"]
 
@@ -75,6 +83,7 @@ class TickReport:
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (marked, kept)
     unavailable: str | None = None  # why the pass ended early (registry or database away)
     alias_approvals: list[tuple[int, str]] = field(default_factory=list)  # (job, alias)
+    listing: str = Listing.FULL.value  # what it read of the registry (full, changes, none)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -90,7 +99,7 @@ class TickReport:
             f"{self.bases} bases, {self.adapters} adapters; {len(self.deprecated)} deprecated; "
             f"{len(self.assessments)} assessed; planned {decided or 0}; "
             f"jobs {({str(k): v for k, v in done.items()}) or 0}; "
-            f"{len(self.problems)} problems"
+            f"{len(self.problems)} problems; read {self.listing}"
             + (f"; ended early: {self.unavailable}" if self.unavailable else "")
         )
 
@@ -104,33 +113,63 @@ def _weights_digest(ctx: Context, planner: Planner, ref: VersionRef) -> str:
 
 
 def _record_catalog(ctx: Context, snapshot: Snapshot, planner: Planner, session: Session) -> None:
-    """Base and adapter versions into the job database (idempotent)."""
+    """Base and adapter versions into the job database (idempotent): the bases read, and the
+    adapter versions not recorded yet; a base's usability once it is known."""
     for ref in sorted(snapshot.bases):
         row = get_or_create_base_version(ref.name, ref.version, session=session)
         if row.status is BaseStatus.MISSING:
             row.status = BaseStatus.ACTIVE
-        if row.weights_digest is None and planner.base_problem(ref) is None:
+        problem = planner.base_problem(ref)
+        if row.weights_digest is None and problem is None:
             row.weights_digest = _weights_digest(ctx, planner, ref)
+        recorded_problem = None if row.weights_digest is not None else problem
+        if row.problem != recorded_problem:
+            row.problem = recorded_problem
     for ref in sorted(snapshot.ghost_bases()):
         row = get_or_create_base_version(ref.name, ref.version, session=session)
         if row.weights_digest is None:
             row.status = BaseStatus.MISSING
-    for entry in snapshot.adapters.values():
-        assert entry.base is not None
-        if find_adapter_version(entry.ref.name, entry.ref.version, session=session) is not None:
-            continue
-        base_row = find_base_version(entry.base.name, entry.base.version, session=session)
-        assert base_row is not None
-        get_or_create_adapter_version(
-            entry.ref.name,
-            entry.ref.version,
-            base=base_row,
+    names = None if snapshot.complete else {r.name for r in snapshot.adapters}
+    recorded = recorded_adapters(names, session=session)
+    new = [e for r, e in snapshot.adapters.items() if (r.name, r.version) not in recorded]
+    if new:
+        _record_adapters(new, session)
+    session.flush()
+
+
+def _record_adapters(entries: list[AdapterEntry], session: Session) -> None:
+    """New adapter versions, in one flush; one by one when another replica recorded some of
+    them meanwhile (a unique-constraint race)."""
+    bases = {}
+    for ref in {e.base for e in entries if e.base is not None}:
+        bases[ref] = find_base_version(ref.name, ref.version, session=session)
+
+    def row(entry: AdapterEntry) -> AdapterVersion:
+        assert entry.base is not None and bases[entry.base] is not None
+        return AdapterVersion(
+            name=entry.ref.name,
+            version=entry.ref.version,
+            base=bases[entry.base],
             format=entry.format,
             layout=None,
             origin=AdapterOrigin.TRANSFERRED if entry.transferred else AdapterOrigin.REGISTERED,
-            session=session,
         )
-    session.flush()
+
+    try:
+        with session.begin_nested():
+            session.add_all([row(e) for e in entries])
+    except IntegrityError:
+        for entry in entries:
+            assert entry.base is not None
+            get_or_create_adapter_version(
+                entry.ref.name,
+                entry.ref.version,
+                base=bases[entry.base],  # type: ignore[arg-type]
+                format=entry.format,
+                layout=None,
+                origin=AdapterOrigin.TRANSFERRED if entry.transferred else AdapterOrigin.REGISTERED,
+                session=session,
+            )
 
 
 def _superseded_by(snapshot: Snapshot, planner: Planner, ref: VersionRef, info_tag: str) -> str:
@@ -230,30 +269,31 @@ def execute_runnable(ctx: Context, report: TickReport) -> None:
     report.outcomes.extend(run_batches(ctx))
 
 
-def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> TickReport:
-    """One full pass. With ``dry_run`` nothing is written: not the registry, not the database
-    (the factorization cache may still fill: it is a cache)."""
-    report = TickReport(dry_run=dry_run)
-    ctx.breaker.reset()
-    snapshot = read_registry(ctx.registry)
-    duplicates = reconcile_duplicates(ctx, snapshot, dry_run=dry_run)
-    report.duplicates = [(str(d.ref), str(d.kept)) for d in duplicates]
-    report.bases, report.adapters = len(snapshot.bases), len(snapshot.adapters)
-    report.problems.extend(snapshot.problems)
+def _planner(ctx: Context, snapshot: Snapshot, watch: Watch, *, dry_run: bool) -> Planner:
+    """A planner that knows which bases earlier passes opened (a full pass opens the broken
+    ones again: their artifacts may have been fixed)."""
     with session_scope(ctx.sessions) as session:
-        known = frozenset(
-            VersionRef(row.name, row.version)
-            for row in session.scalars(
-                select(BaseModelVersion).where(BaseModelVersion.weights_digest.is_not(None))
-            )
-        )
-    planner = Planner(
+        usable, problems = known_bases(session=session)
+    return Planner(
         ctx,
         snapshot,
         prefetch=lambda bases: ctx.executor.prefetch(ctx, bases),
         dry_run=dry_run,
-        known_usable=known,
+        known_usable=frozenset(VersionRef(*key) for key in usable),
+        known_problems=(
+            {} if watch.mode is Listing.FULL else {VersionRef(*k): p for k, p in problems.items()}
+        ),
     )
+
+
+def _plan(ctx: Context, watch: Watch, report: TickReport, *, dry_run: bool) -> Planner:
+    """Read what the pass reads of the registry, resolve duplicates, record the catalog,
+    deprecate, and plan (with ``dry_run``, plan only)."""
+    snapshot = read_snapshot(ctx, watch)
+    duplicates = reconcile_duplicates(ctx, snapshot, dry_run=dry_run)
+    report.duplicates = [(str(d.ref), str(d.kept)) for d in duplicates]
+    report.problems.extend(snapshot.problems)
+    planner = _planner(ctx, snapshot, watch, dry_run=dry_run)
     successions = snapshot.successions(planner.usable)
     if dry_run:
         with session_scope(ctx.sessions) as session:
@@ -269,16 +309,55 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
             proposals = planner.propose(successions, session=session)
             applied = [(_apply(ctx, p, session), p) for p in proposals]
             report.planned = [_planned(job_id, p) for job_id, p in applied if job_id is not None]
-        with session_scope(ctx.sessions) as session:
-            report.replanned = planner.replan_stale(session=session)
         for p in report.planned:
             ctx.say(f"planned {p.adapter} -> {p.target_base}: {p.decision} ({p.reason})")
-        for job_id, reason in report.replanned:
-            ctx.say(f"job {job_id} {reason}")
-    report.assessments = [_assessment_row(pair) for pair in planner.pairs]
-    report.problems.extend(planner.base_problems)
+    report.bases, report.adapters = len(snapshot.bases), len(snapshot.adapters)
+    if not snapshot.complete:
+        report.adapters = _known_counts(ctx)[1]
+    return planner
+
+
+def _known_counts(ctx: Context) -> tuple[int, int]:
+    with session_scope(ctx.sessions) as session:
+        return known_counts(session=session)
+
+
+def _replan(ctx: Context, planner: Planner | None, report: TickReport) -> Planner | None:
+    """Plan again the jobs waiting for approval under other assessment parameters (a setting
+    changed since): the bases are read for it only when there are some."""
+    current = params_hash(assessment_parameters(ctx.settings))
+    with session_scope(ctx.sessions) as session:
+        if not stale_pending_jobs(current, session=session):
+            return planner
+    if planner is None:
+        bases = {v.ref: v for v in ctx.registry.list_versions(role=ROLE_BASE)}
+        planner = Planner(ctx, Snapshot(bases, {}, complete=False), prefetch=None)
+    with session_scope(ctx.sessions) as session:
+        report.replanned = planner.replan_stale(session=session)
+    for job_id, reason in report.replanned:
+        ctx.say(f"job {job_id} {reason}")
+    return planner
+
+
+def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> TickReport:
+    """One pass. With ``dry_run`` nothing is written: not the registry, not the database
+    (the factorization cache may still fill: it is a cache)."""
+    report = TickReport(dry_run=dry_run)
+    ctx.breaker.reset()
+    watch = begin_watch(ctx)
+    planner = None
+    if watch.mode is Listing.NONE:
+        report.bases, report.adapters = _known_counts(ctx)
+    else:
+        planner = _plan(ctx, watch, report, dry_run=dry_run)
+    report.listing = watch.mode.value
     if not dry_run:
+        save_watch(ctx, watch, planner.snapshot if planner is not None else None)
+        planner = _replan(ctx, planner, report)
         report.alias_approvals = approve_by_alias(ctx)
+    if planner is not None:
+        report.assessments = [_assessment_row(pair) for pair in planner.pairs]
+        report.problems.extend(planner.base_problems)
     if execute and not dry_run:
         execute_runnable(ctx, report)
     report.unavailable = ctx.breaker.reason
@@ -288,7 +367,8 @@ def run_once(ctx: Context, *, dry_run: bool = False, execute: bool = True) -> Ti
             report.unavailable,
         )
     if not dry_run and not report.unavailable:
-        report.problems.extend(publish_pages(ctx))
+        snapshot = planner.snapshot if planner is not None else None
+        report.problems.extend(publish_pages(ctx, watch, snapshot, report.deprecated))
     for problem in report.problems:
         log.warning("registry content: %s", problem)
     return report

@@ -12,6 +12,7 @@ from migrator.registry.base import (
     Tag,
     VersionNotFoundError,
     VersionRef,
+    VersionStamp,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "Tag",
     "VersionNotFoundError",
     "VersionRef",
+    "VersionStamp",
 ]

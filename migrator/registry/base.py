@@ -7,7 +7,7 @@ on model versions, weights and adapter files as the versions' artifacts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -22,6 +22,7 @@ __all__ = [
     "Tag",
     "VersionNotFoundError",
     "VersionRef",
+    "VersionStamp",
 ]
 
 
@@ -93,6 +94,7 @@ class ModelVersionInfo:
     run_id: str | None = None
     source: str = ""
     created_ms: int = 0
+    updated_ms: int = 0  # the registry's last update of the version (0: unknown)
 
     @property
     def ref(self) -> VersionRef:
@@ -101,6 +103,19 @@ class ModelVersionInfo:
     @property
     def role(self) -> str | None:
         return self.tags.get(Tag.ROLE)
+
+
+@dataclass(frozen=True)
+class VersionStamp:
+    """A model version and when the registry last created or updated it (its clock, ms)."""
+
+    name: str
+    version: str
+    updated_ms: int
+
+    @property
+    def ref(self) -> VersionRef:
+        return VersionRef(self.name, self.version)
 
 
 @dataclass(frozen=True)
@@ -127,8 +142,25 @@ class VersionNotFoundError(RegistryError):
 class Registry(Protocol):
     """What the migrator needs of a model registry."""
 
-    def list_versions(self, *, role: str | None = None) -> list[ModelVersionInfo]:
-        """Every version carrying ``lorax.role = role`` (all versions when None), any order."""
+    def list_versions(
+        self, *, role: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> list[ModelVersionInfo]:
+        """Every version carrying ``lorax.role = role`` (all versions when None) and all of
+        ``tags``, any order."""
+        ...
+
+    def list_model_versions(
+        self, names: Collection[str], *, role: str | None = None
+    ) -> list[ModelVersionInfo]:
+        """Every version of the registered models ``names`` (those carrying ``lorax.role =
+        role`` when given), any order; names the registry does not hold are skipped."""
+        ...
+
+    def changed_since(self, since_ms: int) -> list[VersionStamp]:
+        """Every version created or updated at or after ``since_ms`` (the registry's clock),
+        newest first, whatever its tags. MLflow moves a version's update time when it is
+        created, described or deleted (then it is no longer listed), not when a tag or an alias
+        is set: those changes reach a pass through webhook marks or a full reconcile."""
         ...
 
     def get_version(self, ref: VersionRef) -> ModelVersionInfo:

@@ -4,6 +4,9 @@ Artifacts live in a local folder. Faults, to exercise outage handling without a 
 ``fail_next`` makes the next calls raise :class:`RegistryUnavailableError`; ``drop_replies``
 makes the next ``create_version`` calls commit the version and then raise it (the registry
 committed, its reply was lost: a timeout).
+
+Update times follow MLflow's: a version's moves when it is created or described, not when a
+tag or an alias is set (:meth:`changed_since`); the clock here only moves forward.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from migrator.registry.base import (
     Tag,
     VersionNotFoundError,
     VersionRef,
+    VersionStamp,
 )
 from migrator.registry.pages import RegisteredModelInfo
 
@@ -41,6 +45,12 @@ class MemoryRegistry:
         self.drop_replies = 0
         self.calls: list[str] = []
         self.models: dict[str, RegisteredModelInfo] = {}
+        self._clock_ms = 0
+
+    def _now_ms(self) -> int:
+        """Milliseconds since the epoch, later than every time handed out before."""
+        self._clock_ms = max(int(time.time() * 1000), self._clock_ms + 1)
+        return self._clock_ms
 
     def _enter(self, what: str) -> None:
         self.calls.append(what)
@@ -67,15 +77,41 @@ class MemoryRegistry:
             tags=dict(tags),
             description=description,
             source=dest.as_uri(),
-            created_ms=int(time.time() * 1000),
+            created_ms=(now := self._now_ms()),
+            updated_ms=now,
         )
         self.versions[info.ref] = info
         return info
 
     # --- the Registry protocol ---------------------------------------------------------
-    def list_versions(self, *, role: str | None = None) -> list[ModelVersionInfo]:
+    def list_versions(
+        self, *, role: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> list[ModelVersionInfo]:
         self._enter("list_versions")
-        return [v for v in self.versions.values() if role is None or v.tags.get(Tag.ROLE) == role]
+        wanted = {**(tags or {}), **({Tag.ROLE: role} if role is not None else {})}
+        return [
+            v for v in self.versions.values() if all(v.tags.get(k) == x for k, x in wanted.items())
+        ]
+
+    def list_model_versions(
+        self, names: Collection[str], *, role: str | None = None
+    ) -> list[ModelVersionInfo]:
+        self._enter("list_model_versions")
+        chosen = set(names)
+        return [
+            v
+            for v in self.versions.values()
+            if v.name in chosen and (role is None or v.tags.get(Tag.ROLE) == role)
+        ]
+
+    def changed_since(self, since_ms: int) -> list[VersionStamp]:
+        self._enter("changed_since")
+        stamps = [
+            VersionStamp(v.name, v.version, v.updated_ms)
+            for v in self.versions.values()
+            if v.updated_ms >= since_ms
+        ]
+        return sorted(stamps, key=lambda s: s.updated_ms, reverse=True)
 
     def get_version(self, ref: VersionRef) -> ModelVersionInfo:
         self._enter(f"get_version {ref}")
@@ -88,6 +124,13 @@ class MemoryRegistry:
         self._enter(f"set_tags {ref}")
         info = self.get_version(ref)
         self.versions[ref] = ModelVersionInfo(**{**info.__dict__, "tags": {**info.tags, **tags}})
+
+    def delete_version(self, ref: VersionRef) -> None:
+        """Delete a version (not in the Protocol: people delete, the service never does). As
+        in MLflow, it is gone from every search, :meth:`changed_since` included."""
+        self._enter(f"delete {ref}")
+        self.get_version(ref)
+        del self.versions[ref]
 
     def download(self, ref: VersionRef, dst: Path) -> Path:
         self._enter(f"download {ref}")
@@ -186,10 +229,15 @@ class MemoryRegistry:
         names = sorted({r.name for r in self.versions} | set(self.models))
         return [self._model(n) for n in names]
 
+    def find_models(self, names: Collection[str]) -> list[RegisteredModelInfo]:
+        self._enter("find_models")
+        held = {r.name for r in self.versions} | set(self.models)
+        return [self._model(n) for n in sorted(set(names) & held)]
+
     def set_version_description(self, ref: VersionRef, description: str) -> None:
         self._enter(f"describe {ref}")
         info = self.get_version(ref)
-        self.versions[ref] = ModelVersionInfo(**{**info.__dict__, "description": description})
+        self.versions[ref] = replace(info, description=description, updated_ms=self._now_ms())
 
     def set_model_description(self, name: str, description: str) -> None:
         self._enter(f"describe model {name}")

@@ -3,7 +3,7 @@ against permanent ones (the request itself is wrong)."""
 
 from __future__ import annotations
 
-from mlflow.exceptions import MlflowException
+import sys
 
 __all__ = ["first_line", "is_transient"]
 
@@ -45,10 +45,19 @@ _TRANSIENT_TEXT = (
 )
 
 
+def _mlflow_code(exc: BaseException) -> str | None:
+    """The error code of an ``MlflowException`` (None for any other error). MLflow is not
+    imported for it: an error of a process that never loaded MLflow is not one of its."""
+    exceptions = sys.modules.get("mlflow.exceptions")
+    if exceptions is not None and isinstance(exc, exceptions.MlflowException):
+        return str(exc.error_code)
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying a registry call that raised ``exc`` may succeed."""
-    if isinstance(exc, MlflowException):
-        code = str(exc.error_code)
+    code = _mlflow_code(exc)
+    if code is not None:
         if code in _PERMANENT_CODES:
             return False
         if code in _TRANSIENT_CODES:

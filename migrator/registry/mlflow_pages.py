@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from migrator.registry.base import VersionRef
+from migrator.registry.mlflow_watch import model_info
 from migrator.registry.pages import RegisteredModelInfo
 
 __all__ = ["EXPERIMENT_KIND", "MlflowPages"]
@@ -35,15 +36,7 @@ class MlflowPages:
                 "search registered models",
                 partial(self.client.search_registered_models, max_results=1000, page_token=token),
             )
-            out.extend(
-                RegisteredModelInfo(
-                    name=m.name,
-                    description=m.description or "",
-                    tags=dict(m.tags or {}),
-                    aliases={str(k): str(v) for k, v in (m.aliases or {}).items()},
-                )
-                for m in page
-            )
+            out.extend(model_info(m) for m in page)
             token = page.token
             if not token:
                 return out

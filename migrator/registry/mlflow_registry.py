@@ -1,6 +1,9 @@
 """The MLflow Model Registry behind the :class:`~migrator.registry.base.Registry` Protocol.
 
 Works with the embedded SQLite store (``sqlite:///...``) and with ``mlflow server`` over HTTP.
+MLflow is imported on the first call that needs its client (seconds of start-up): which
+versions changed is read by a probe that needs none (:mod:`migrator.registry.mlflow_probe`),
+so a pass that finds nothing new never loads it.
 MLflow's own HTTP retries are turned off: they re-send any request whose reply timed out, a
 POST that creates a model version included, so a registry that committed and then answered too
 late got a second version. This module's bounded retries decide instead: reads are retried as
@@ -14,13 +17,8 @@ import os
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
-
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 
 from migrator.registry.base import (
     TRANSFER_IDENTITY,
@@ -34,21 +32,20 @@ from migrator.registry.base import (
 )
 from migrator.registry.mlflow_errors import first_line, is_transient
 from migrator.registry.mlflow_pages import MlflowPages
+from migrator.registry.mlflow_probe import probe_for
+from migrator.registry.mlflow_watch import MlflowWatch, quote_value, tag_clauses
 from migrator.registry.retry import retry_call
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
     from migrator.settings import Settings
 
 __all__ = ["MlflowRegistry", "is_transient"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-def _quote_value(value: str) -> str:
-    if "'" in value:
-        raise RegistryError(f"registry filter values may not contain a quote: {value!r}")
-    return f"'{value}'"
 
 
 def _info(mv: ModelVersion) -> ModelVersionInfo:
@@ -60,10 +57,11 @@ def _info(mv: ModelVersion) -> ModelVersionInfo:
         run_id=mv.run_id or None,
         source=mv.source or "",
         created_ms=int(mv.creation_timestamp or 0),
+        updated_ms=int(mv.last_updated_timestamp or 0),
     )
 
 
-class MlflowRegistry(MlflowPages):
+class MlflowRegistry(MlflowWatch, MlflowPages):
     """An MLflow tracking server or store plus its model registry.
 
     Args:
@@ -99,8 +97,24 @@ class MlflowRegistry(MlflowPages):
         self.artifact_root = artifact_root
         self.retries = retries
         self.backoff_s = backoff_s
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=self.registry_uri)
+        self._client: MlflowClient | None = None
+        self._probe = probe_for(self.registry_uri)
         self._experiment_ids: dict[str, str] = {}
+
+    @property
+    def client(self) -> MlflowClient:
+        """The MLflow client (MLflow is imported on first use)."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(
+                tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
+            )
+        return self._client
+
+    @client.setter
+    def client(self, value: Any) -> None:
+        self._client = value
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MlflowRegistry:
@@ -121,6 +135,8 @@ class MlflowRegistry(MlflowPages):
         return f"MlflowRegistry({self.tracking_uri!r}, {self.registry_uri!r})"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        from mlflow.exceptions import MlflowException
+
         try:
             return retry_call(
                 fn,
@@ -160,9 +176,11 @@ class MlflowRegistry(MlflowPages):
             partial(self._search_pages, filter_string),
         )
 
-    def list_versions(self, *, role: str | None = None) -> list[ModelVersionInfo]:
-        flt = None if role is None else f"tags.`{Tag.ROLE}` = {_quote_value(role)}"
-        return self._search(flt)
+    def list_versions(
+        self, *, role: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> list[ModelVersionInfo]:
+        wanted = {**({Tag.ROLE: role} if role is not None else {}), **(tags or {})}
+        return self._search(" AND ".join(tag_clauses(wanted)) or None)
 
     def get_version(self, ref: VersionRef) -> ModelVersionInfo:
         return _info(
@@ -170,15 +188,13 @@ class MlflowRegistry(MlflowPages):
         )
 
     def find_version_by_tag(self, name: str, key: str, value: str) -> ModelVersionInfo | None:
-        found = self._search(
-            f"name = {_quote_value(name)} AND tags.`{key}` = {_quote_value(value)}"
-        )
+        found = self._search(f"name = {quote_value(name)} AND tags.`{key}` = {quote_value(value)}")
         return min(found, key=lambda v: int(v.version)) if found else None
 
     @staticmethod
     def _tags_filter(name: str, tags: Mapping[str, str]) -> str:
-        clauses = [f"name = {_quote_value(name)}"]
-        clauses += [f"tags.`{k}` = {_quote_value(v)}" for k, v in tags.items()]
+        clauses = [f"name = {quote_value(name)}"]
+        clauses += [f"tags.`{k}` = {quote_value(v)}" for k, v in tags.items()]
         return " AND ".join(clauses)
 
     def find_versions(self, name: str, tags: Mapping[str, str]) -> list[ModelVersionInfo]:
@@ -209,8 +225,8 @@ class MlflowRegistry(MlflowPages):
                     registry_uri=self.registry_uri,
                 )
             )
-        except MlflowException as exc:
-            if str(exc.error_code) != "RESOURCE_DOES_NOT_EXIST":
+        except Exception as exc:
+            if str(getattr(exc, "error_code", "")) != "RESOURCE_DOES_NOT_EXIST":
                 raise
             try:
                 self.client.get_model_version(ref.name, ref.version)
@@ -262,11 +278,13 @@ class MlflowRegistry(MlflowPages):
         tags: Mapping[str, str],
         artifacts: Mapping[str, Path],
     ) -> RunInfo:
+        from mlflow.entities import Metric, Param, RunStatus
+
         exp_id = self._experiment_id(experiment)
         runs = self._call(
             f"search runs of job {job_key}",
             lambda: self.client.search_runs(
-                [exp_id], filter_string=f"tags.`{Tag.JOB}` = {_quote_value(job_key)}"
+                [exp_id], filter_string=f"tags.`{Tag.JOB}` = {quote_value(job_key)}"
             ),
         )
         # Job ids are unique only within one job database; several may share a registry (two

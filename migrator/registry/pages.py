@@ -14,7 +14,7 @@ Approval aliases (one per job, on the adapter's registered model):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -61,6 +61,10 @@ class RegistryPages(Protocol):
 
     def list_models(self) -> list[RegisteredModelInfo]:
         """Every registered model, with its description, tags and aliases."""
+        ...
+
+    def find_models(self, names: Collection[str]) -> list[RegisteredModelInfo]:
+        """The registered models ``names`` that exist, with descriptions, tags and aliases."""
         ...
 
     def set_version_description(self, ref: VersionRef, description: str) -> None: ...

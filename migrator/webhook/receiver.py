@@ -1,4 +1,6 @@
-"""MLflow webhook receiver: a verified event only asks the daemon for an early poll.
+"""MLflow webhook receiver: a verified event asks the daemon for an early poll; a tag set or
+deleted also marks its version (``marks``) so that the pass reads it, since MLflow's search
+cannot show a tag change.
 
 MLflow (``mlflow server`` only, experimental since 3.3) posts JSON bodies
 ``{"entity", "action", "timestamp", "data"}`` with the headers ``X-MLflow-Delivery-Id``,
@@ -34,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from migrator.webhook.signing import (
     DELIVERY_HEADER,
+    MARKED_EVENTS,
     RELEVANT_EVENTS,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     DeliveryStore,
+    MarkStore,
     MemoryDeliveries,
     WebhookLimits,
     header_refusal,
@@ -149,6 +153,8 @@ class WebhookReceiver:
         limits: sizes and timeouts (defaults: :class:`WebhookLimits`).
         deliveries: remembers delivery ids (default: in this process only; the daemon uses
             :func:`database_deliveries`).
+        marks: remembers the version a tag delivery names, for the next pass (the daemon uses
+            :func:`database_marks`; default: none, the next full reconcile sees the tag).
 
     Raises:
         ValueError: no secret. OSError: the address cannot be bound.
@@ -163,6 +169,7 @@ class WebhookReceiver:
         *,
         limits: WebhookLimits | None = None,
         deliveries: DeliveryStore | None = None,
+        marks: MarkStore | None = None,
     ) -> None:
         if not secret:
             raise ValueError("the webhook receiver needs a secret (MIGRATOR_WEBHOOK_SECRET)")
@@ -174,6 +181,7 @@ class WebhookReceiver:
         self.on_event = on_event
         self.limits = limits or WebhookLimits()
         self.deliveries = deliveries or MemoryDeliveries(self.limits.timestamp_window_s)
+        self.marks = marks
         self.accepted = 0
         self.refused = 0
         self._socket = _bind(host, port)
@@ -277,7 +285,24 @@ class WebhookReceiver:
             return _reply(400, "body is not a JSON object")
         if key not in RELEVANT_EVENTS:
             return _reply(200, "ignored")
+        if key in MARKED_EVENTS:
+            await self._mark(event, key)
         log.info("webhook %s.%s: polling early", *key)
         self.accepted += 1
         self.on_event()
         return _reply(202, "poll scheduled")
+
+    async def _mark(self, event: dict[str, Any], key: tuple[str, str]) -> None:
+        """Remember the version a tag delivery names. A mark that cannot be recorded is only
+        logged: the next full reconcile reads the tag anyway."""
+        from starlette.concurrency import run_in_threadpool
+
+        data = event.get("data")
+        name = data.get("name") if isinstance(data, dict) else None
+        version = data.get("version") if isinstance(data, dict) else None
+        if self.marks is None or not name or version in (None, ""):
+            return
+        try:
+            await run_in_threadpool(self.marks, str(name), str(version), ".".join(key))
+        except Exception as exc:
+            log.warning("webhook mark of %s/%s not recorded: %s", name, version, exc)

@@ -20,15 +20,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DELIVERY_HEADER",
+    "MARKED_EVENTS",
     "MAX_BODY_BYTES",
     "MAX_CLOCK_SKEW_S",
     "RELEVANT_EVENTS",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "DeliveryStore",
+    "MarkStore",
     "MemoryDeliveries",
     "WebhookLimits",
     "database_deliveries",
+    "database_marks",
     "header_refusal",
     "sign",
     "verify_signature",
@@ -45,9 +48,17 @@ MAX_DELIVERY_ID = 255  # the job database's column
 RELEVANT_EVENTS = {
     ("model_version", "created"),
     ("model_version_tag", "set"),
+    ("model_version_tag", "deleted"),
     ("model_version_alias", "created"),  # an approval given in the UI (lorax-approved-<job>)
     ("model_version_alias", "deleted"),
 }
+
+# Changes MLflow's search cannot show (a tag set or deleted moves no version's update time):
+# the version named in the delivery is marked for the next pass (:func:`database_marks`).
+MARKED_EVENTS = {("model_version_tag", "set"), ("model_version_tag", "deleted")}
+
+#: ``mark(name, version, event)``: remember that a delivery said ``name/version`` changed.
+MarkStore = Callable[[str, str, str], None]
 
 #: ``remember(delivery_id, timestamp)``: True for a delivery id not seen inside the window.
 DeliveryStore = Callable[[str, int], bool]
@@ -157,3 +168,15 @@ def database_deliveries(sessions: sessionmaker[Session], window_s: float) -> Del
             )
 
     return remember
+
+
+def database_marks(sessions: sessionmaker[Session]) -> MarkStore:
+    """Marks kept in the job database (:func:`db.mark_version`), read by the next pass of any
+    replica (:mod:`migrator.pipeline.watch`)."""
+    from db import mark_version, session_scope
+
+    def mark(name: str, version: str, event: str) -> None:
+        with session_scope(sessions) as session:
+            mark_version(name, version, event, session=session)
+
+    return mark

@@ -137,17 +137,25 @@ def test_registry_scale_quick(tmp_path: Path) -> None:
     for r in rows:
         assert r["counts"]["ours"] + r["counts"]["others"] == r["size"]
         assert r["counts"]["others"] > 0  # other teams' versions are in the registry too
-        daemon = r["daemon"]
-        assert len(daemon["idle_s"]) == 2 and _finite(*daemon["idle_s"], daemon["first_pass_s"])
-        assert daemon["seen"]["adapters"] == r["counts"]["ours"] - 1  # all but the base big/1
-        assert daemon["baseline"]["versions"] == r["size"]
-        assert _finite(daemon["peak_rss_mb"], *daemon["rss_mb"], r["idle_over_listing"])
-        (tick,) = r["ticks"]
-        assert tick["jobs"] == 0 and _finite(tick["wall_s"], tick["peak_rss_mb"])
-    drain = rows[-1]["daemon"]["drain"]  # two adapters of enc/1 carried onto enc/2
+        for mode, idle in (("incremental", "none"), ("full", "full")):
+            m = r["modes"][mode]
+            daemon = m["daemon"]
+            assert daemon["listings"][0] == "full"  # a fresh job database reads everything
+            assert daemon["listings"][2:] == [idle, idle]  # what the idle passes read
+            assert _finite(*daemon["idle_s"], daemon["first_pass_s"], daemon["second_pass_s"])
+            assert daemon["seen"]["adapters"] == r["counts"]["ours"] - 1  # all but big/1
+            assert _finite(daemon["idle_peak_rss_mb"], *daemon["rss_mb"])
+            (tick,) = m["ticks"]
+            assert tick["jobs"] == 0 and tick["listing"] == idle
+            assert _finite(tick["wall_s"], tick["peak_rss_mb"])
+        assert r["modes"]["incremental"]["daemon"]["baseline"]["versions"] == r["size"]
+        assert _finite(r["idle_full_over_incremental"], r["tick_full_over_incremental"])
+    drain = rows[-1]["modes"]["incremental"]["daemon"]["drain"]  # two adapters of enc/1
+    assert drain["idle_listing"] == "none"
     assert drain["planned"] == 2 and drain["outcomes"] == {"succeeded": 2}
     assert _finite(drain["pass_s"], drain["rss_start_mb"], drain["rss_end_mb"])
-    assert "drain" not in rows[0]["daemon"]
+    assert "drain" not in rows[0]["modes"]["incremental"]["daemon"]
+    assert "drain" not in rows[-1]["modes"]["full"]["daemon"]
 
 
 @pytest.mark.slow

@@ -133,3 +133,34 @@ def test_alembic_command_line_reads_the_service_setting(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "No new upgrade operations detected" in done.stdout
+
+
+def test_0005_adds_the_watchers_tables_and_keeps_bases_both_ways(db_url: str) -> None:
+    migrations.upgrade(db_url, "0004")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO base_model_versions (name, version, status, discovered_at) "
+                    "VALUES ('enc', '1', 'active', CURRENT_TIMESTAMP)"
+                )
+            )
+        migrations.upgrade(db_url)
+        assert {"registry_cursors", "registry_marks"} <= _tables(db_url)
+        migrations.check(db_url)
+        with engine.begin() as connection:
+            assert connection.execute(
+                text("SELECT name, problem FROM base_model_versions")
+            ).all() == [("enc", None)]  # a base recorded before: not opened yet, no problem
+            connection.execute(text("UPDATE base_model_versions SET problem = 'no weights'"))
+        migrations.downgrade(db_url, "0004")
+        assert not {"registry_cursors", "registry_marks"} & _tables(db_url)
+        columns = {c["name"] for c in inspect(engine).get_columns("base_model_versions")}
+        assert "problem" not in columns and "superseded_by" in columns
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT name FROM base_model_versions")).all() == [
+                ("enc",)
+            ]
+    finally:
+        engine.dispose()

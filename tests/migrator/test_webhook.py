@@ -16,14 +16,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-from db import make_engine, make_session_factory, migrations
+from db import (
+    RegistryMark,
+    make_engine,
+    make_session_factory,
+    marked_versions,
+    migrations,
+    session_scope,
+)
 from migrator.webhook import (
     DeliveryStore,
+    MarkStore,
     MemoryDeliveries,
     WebhookLimits,
     WebhookReceiver,
     database_deliveries,
+    database_marks,
     sign,
     verify_signature,
 )
@@ -113,7 +123,11 @@ class Receivers:
         self.polls: list[int] = []
 
     def __call__(
-        self, *, limits: WebhookLimits | None = None, deliveries: DeliveryStore | None = None
+        self,
+        *,
+        limits: WebhookLimits | None = None,
+        deliveries: DeliveryStore | None = None,
+        marks: MarkStore | None = None,
     ) -> WebhookReceiver:
         receiver = WebhookReceiver(
             "127.0.0.1",
@@ -122,6 +136,7 @@ class Receivers:
             lambda: self.polls.append(1),
             limits=limits,
             deliveries=deliveries,
+            marks=marks,
         )
         receiver.start()
         self.started.append(receiver)
@@ -180,6 +195,31 @@ def test_receiver_only_triggers_a_poll_for_verified_relevant_events(serve: Recei
     assert _post(receiver.port, "[1, 2]", _headers("[1, 2]")) == 400  # signed, not an object
     assert serve.polls == [1]
     assert (receiver.accepted, receiver.refused) == (1, 2)
+
+
+def test_a_tag_delivery_marks_its_version_in_the_job_database(
+    serve: Receivers, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    migrations.upgrade(url)
+    sessions = make_session_factory(make_engine(url))
+    receiver = serve(marks=database_marks(sessions))
+    tag_set = {"name": "enc-styleA", "version": "3", "key": "lorax.base", "value": "enc/2"}
+    bodies = [
+        json.dumps({"entity": "model_version_tag", "action": "set", "data": tag_set}),
+        json.dumps({"entity": "model_version_tag", "action": "deleted", "data": tag_set}),
+        CREATED,  # a new version moves its update time: the search shows it, no mark
+        json.dumps({"entity": "model_version_tag", "action": "set", "data": {}}),  # no version
+    ]
+    assert [_post(receiver.port, b, _headers(b)) for b in bodies] == [202, 202, 202, 202]
+    assert serve.polls == [1, 1, 1, 1]
+    with session_scope(sessions) as session:
+        marks = session.execute(select(RegistryMark.name, RegistryMark.version, RegistryMark.event))
+        assert sorted(marks) == [
+            ("enc-styleA", "3", "model_version_tag.deleted"),
+            ("enc-styleA", "3", "model_version_tag.set"),
+        ]
+        assert marked_versions(session=session)[0][1:] == ("enc-styleA", "3")
 
 
 def test_receiver_requires_a_secret() -> None:
