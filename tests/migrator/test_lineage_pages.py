@@ -6,28 +6,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from db import JobStatus, approve, audit_trail, list_jobs, migrations, session_scope
 from migrator.database import ensure_sqlite_parent
 from migrator.pages import MARKER
 from migrator.pipeline import Context, run_once
 from migrator.registry import Registry, Tag, VersionRef
-from migrator.registry.memory import MemoryRegistry
-from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.registry.pages import RegistryPages
 from migrator.settings import load_settings
 from migrator.wiring import build_context
-from tests.fixtures.mlflow import MlflowStore
 from tests.migrator.scenario import Story
-
-
-@pytest.fixture(params=["memory", "mlflow"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
-    if request.param == "memory":
-        return MemoryRegistry(tmp_path / "registry")
-    store: MlflowStore = request.getfixturevalue("mlflow_store")
-    return MlflowRegistry(store.uri, artifact_root=store.artifact_root, retries=0)
 
 
 def _context(tmp_path: Path, registry: Registry, **settings: object) -> Context:

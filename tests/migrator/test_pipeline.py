@@ -13,19 +13,9 @@ from migrator.database import ensure_sqlite_parent
 from migrator.pipeline import Context, run_once
 from migrator.registry import Registry, Tag, VersionRef
 from migrator.registry.memory import MemoryRegistry
-from migrator.registry.mlflow_registry import MlflowRegistry
 from migrator.settings import Settings, load_settings
 from migrator.wiring import build_context
-from tests.fixtures.mlflow import MlflowStore
 from tests.migrator.scenario import Story, register, successor, write_weights
-
-
-@pytest.fixture(params=["memory", "mlflow"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
-    if request.param == "memory":
-        return MemoryRegistry(tmp_path / "registry")
-    store: MlflowStore = request.getfixturevalue("mlflow_store")
-    return MlflowRegistry(store.uri, artifact_root=store.artifact_root, retries=0)
 
 
 @pytest.fixture

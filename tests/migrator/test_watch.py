@@ -12,8 +12,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from db import (
     AdapterVersion,
     get_cursor,
@@ -35,14 +33,6 @@ from tests.fixtures.mlflow import MlflowStore
 from tests.migrator.scenario import Story, register
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(params=["memory", "mlflow"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
-    if request.param == "memory":
-        return MemoryRegistry(tmp_path / "registry")
-    store: MlflowStore = request.getfixturevalue("mlflow_store")
-    return MlflowRegistry(store.uri, artifact_root=store.artifact_root, retries=0)
 
 
 def _ctx(tmp_path: Path, registry: Registry, every: int = 100) -> Context:
