@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure
 from measure import RESULTS, load_average, machine, print_table, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICK_PROBES = {"functional_probe_count": 8, "functional_probe_length": 8}
 
 
@@ -91,24 +90,18 @@ def work_pass(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _child(work: str, cwd: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    """Run ``work`` of this file in a fresh interpreter in ``cwd`` (no MIGRATOR_* from here)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIGRATOR_")}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true")
-    code = (
-        f"import json, sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import demo_pass; "
-        f"print(json.dumps(demo_pass.{work}(json.loads(sys.argv[1]))))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(payload)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{work} failed in {cwd}:\n{done.stderr[-4000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+def _child(task: str, cwd: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run ``task`` of this file in a fresh interpreter (``measure.run_worker``) in ``cwd``."""
+    return measure.run_worker(Path(__file__), {"task": task, "cwd": str(cwd), **payload})
+
+
+def _worker() -> None:
+    """A worker process: in the payload's folder, with no MIGRATOR_* setting from the shell."""
+    payload = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+    for key in [k for k in os.environ if k.startswith("MIGRATOR_")]:
+        del os.environ[key]
+    os.chdir(payload["cwd"])
+    measure.worker_main({"work_populate": work_populate, "work_pass": work_pass})
 
 
 def main() -> None:
@@ -175,4 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _worker() if "--worker" in sys.argv else main()
