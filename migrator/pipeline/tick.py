@@ -137,6 +137,10 @@ def _record_catalog(ctx: Context, snapshot: Snapshot, planner: Planner, session:
     session.flush()
 
 
+def _origin(entry: AdapterEntry) -> AdapterOrigin:
+    return AdapterOrigin.TRANSFERRED if entry.transferred else AdapterOrigin.REGISTERED
+
+
 def _record_adapters(entries: list[AdapterEntry], session: Session) -> None:
     """New adapter versions, in one flush; one by one when another replica recorded some of
     them meanwhile (a unique-constraint race)."""
@@ -152,7 +156,7 @@ def _record_adapters(entries: list[AdapterEntry], session: Session) -> None:
             base=bases[entry.base],
             format=entry.format,
             layout=None,
-            origin=AdapterOrigin.TRANSFERRED if entry.transferred else AdapterOrigin.REGISTERED,
+            origin=_origin(entry),
         )
 
     try:
@@ -167,7 +171,7 @@ def _record_adapters(entries: list[AdapterEntry], session: Session) -> None:
                 base=bases[entry.base],  # type: ignore[arg-type]
                 format=entry.format,
                 layout=None,
-                origin=AdapterOrigin.TRANSFERRED if entry.transferred else AdapterOrigin.REGISTERED,
+                origin=_origin(entry),
                 session=session,
             )
 
