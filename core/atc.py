@@ -158,23 +158,21 @@ def _index(names: tuple[str, ...], name: str) -> int:
         raise KeyError(name) from None
 
 
-def _stacks(
-    bases: Sequence[torch.Tensor],
-    sv: Sequence[torch.Tensor] | None,
-    keys: Sequence[tuple[str, int, int]],
-) -> dict[tuple[str, int, int], tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-    """Modules grouped by (role, dimension, k): their indices, stacked bases (g, dim, k) and
-    singular values (g, k), in float64, stacked once per group."""
+def _groups(keys: Sequence[tuple[str, int, int]]) -> dict[tuple[str, int, int], list[int]]:
+    """Module indices by similarity group (role, dimension, k), in module order."""
     rows: dict[tuple[str, int, int], list[int]] = {}
     for i, key in enumerate(keys):
         rows.setdefault(key, []).append(i)
-    out = {}
-    for key, idx in rows.items():
-        k = key[2]
-        stack = torch.stack([bases[i][:, :k] for i in idx]).double()
-        values = torch.stack([sv[i][:k] for i in idx]).double() if sv is not None else None
-        out[key] = (idx, stack, values)
-    return out
+    return rows
+
+
+def _stack(
+    bases: Sequence[torch.Tensor], sv: Sequence[torch.Tensor] | None, idx: list[int], k: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One group's stacked bases (g, dim, k) and singular values (g, k), in float64."""
+    stack = torch.stack([bases[i][:, :k] for i in idx]).double()
+    values = torch.stack([sv[i][:k] for i in idx]).double() if sv is not None else None
+    return stack, values
 
 
 def _side(
@@ -185,24 +183,32 @@ def _side(
     keys: Sequence[tuple[str, int, int]],
     other_keys: Sequence[tuple[str, int, int]],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Similarities of one side, grouped by (role, dimension, k): one GEMM per group pair."""
+    """Similarities of one side, grouped by (role, dimension, k): one GEMM per group pair.
+
+    Stacks are built one group pair at a time and freed after it, so the float64 copies held
+    at once are those of the largest pair of groups, not of every module of both bases."""
     phi = np.zeros((len(bases), len(other)))
     valid = np.zeros((len(bases), len(other)), dtype=bool)
-    others = _stacks(other, other_sv, other_keys)
-    for (role, dim, k_a), (rows, a, s_a) in _stacks(bases, sv, keys).items():
-        for (role_b, dim_b, k_b), (cols, b, s_b) in others.items():
-            if role != role_b or dim != dim_b:
-                continue
+    others = _groups(other_keys)
+    for (role, dim, k_a), rows in _groups(keys).items():
+        matching = [(k_b, cols) for (r, d, k_b), cols in others.items() if (r, d) == (role, dim)]
+        if not matching:
+            continue
+        a, s_a = _stack(bases, sv, rows, k_a)
+        for k_b, cols in matching:
             kk = min(k_a, k_b)
+            b, s_b = _stack(other, other_sv, cols, kk)
             block = similarity_matrix(
                 a[..., :kk],
-                b[..., :kk],
+                b,
                 kk,
                 None if s_a is None else s_a[:, :kk],
-                None if s_b is None else s_b[:, :kk],
+                s_b,
             )
             phi[np.ix_(rows, cols)] = block.numpy()
             valid[np.ix_(rows, cols)] = True
+            del b, s_b, block
+        del a, s_a
     return phi, valid
 
 

@@ -12,6 +12,7 @@ from core.atc import Combine, compute_atc, solve_transport
 from core.errors import TransportError
 from core.factorize import factorize
 from core.factors import Factors
+from core.similarity import subspace_similarity
 from tests.core.synthetic import random_matrix
 
 
@@ -160,3 +161,36 @@ def test_equal_digests_give_exactly_one() -> None:
     assert exact.phi[0, 0] == 1.0 and exact.atc == 0.0
     rounded = compute_atc(without, without, k=4)
     assert rounded.phi[0, 0] == pytest.approx(1.0, abs=1e-6) and rounded.atc < 1e-6
+
+
+def test_stacks_are_held_one_group_pair_at_a_time(monkeypatch) -> None:
+    """The float64 stacks of a side are built per group pair and freed after it: creating one
+    finds at most the pair's other stack alive, never the stacks of every module."""
+    import weakref
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    held_at_creation: list[int] = []
+    real = atc_module._stack
+
+    def tracked(*args, **kwargs):
+        held_at_creation.append(len(alive))
+        stack, values = real(*args, **kwargs)
+        alive.add(stack)
+        return stack, values
+
+    monkeypatch.setattr(atc_module, "_stack", tracked)
+    a, b = _model(1, layers=4), _model(2, layers=4)
+    expected = compute_atc(a, b, k=4)
+    monkeypatch.undo()
+    # q_proj and k_proj are two groups per side on each base: 8 stacks built in all.
+    assert len(held_at_creation) == 8
+    assert max(held_at_creation) <= 1
+    for i, s_name in enumerate(expected.source_names):  # each pair as the one-pair formula
+        for j, t_name in enumerate(expected.target_names):
+            if s_name.split(".")[-1] == t_name.split(".")[-1]:
+                left = subspace_similarity(a[s_name].U, b[t_name].U, 4)
+                right = subspace_similarity(a[s_name].V, b[t_name].V, 4)
+                assert expected.phi_left[i, j] == pytest.approx(left, abs=1e-12)
+                assert expected.phi_right[i, j] == pytest.approx(right, abs=1e-12)
+            else:
+                assert not expected.valid[i, j]
