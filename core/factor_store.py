@@ -35,6 +35,7 @@ from core.errors import MissingModuleError, NonFiniteError
 from core.factor_cache import FactorCache
 from core.factor_requests import FactorRequest, FactorView, kept_rank, nbytes, truncated
 from core.factors import Factors, RangeBasis
+from core.heap import release_free_memory
 from core.range_basis import range_basis_batch
 from core.svd import (
     DEFAULT_DEPTH,
@@ -239,6 +240,7 @@ class FactorStore:
                 missing = [name for name, item in found.items() if item is None]
                 if missing:
                     found.update(zip(missing, compute(missing), strict=True))
+                    release_free_memory()  # the batch's temporaries, see core.heap
                 for name in batch:
                     item = found[name]
                     assert item is not None

@@ -147,3 +147,23 @@ def test_cuda_store_computes_from_float16_weights(tmp_path: Path) -> None:
         assert relative_error(b.project_down(down), a.project_down(down)) < 1e-5
         fa, fb = cpu.factors(name, rank=8, exact=False), gpu.factors(name, rank=8, exact=False)
         assert torch.allclose(fa.S, fb.S, rtol=1e-4)
+
+
+def test_free_heap_is_released_after_each_computed_batch(
+    base_file: Path, tmp_path: Path, calls: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's temporaries are handed back (core.heap) once per computed batch, not per
+    lookup: factors found in memory or on disk release nothing."""
+    released: list[int] = []
+    monkeypatch.setattr(store_module, "release_free_memory", lambda: released.append(1))
+    cache = FactorCache(tmp_path / "cache")
+    store = FactorStore(WeightSource.open(base_file), cache=cache)
+    store.prefetch(rank=8, complete=False)  # three shapes: three batches
+    assert len(calls) == len(released) == 3
+    store.prefetch(rank=8, complete=False)  # held in memory
+    # k_proj's kept triplets are all 32 (complete: its basis is their V); up_proj needs a QR
+    store.prefetch_range_bases()
+    assert calls[-1] == ("range_basis_batch", 1)
+    assert len(released) == 4
+    FactorStore(WeightSource.open(base_file), cache=cache).prefetch(rank=8, complete=False)
+    assert len(released) == 4  # read from the disk cache
