@@ -212,6 +212,7 @@ def _table_rows(models: dict[str, Any]) -> list[list[object]]:
                 runs["today"]["cache_target_mb"], runs["project"]["cache_target_mb"],
                 runs["subspace"]["cache_target_mb"],
                 round(runs["today"]["peak_rss_mb"]), round(runs["project"]["peak_rss_mb"]),
+                round(runs["subspace"]["peak_rss_mb"]),
                 f"{diff['project_vs_alg1']['max_rel_diff']:.1e}",
                 f"{diff['project_vs_today']['max_rel_diff']:.1e}",
                 f"{diff['subspace_vs_exact']['max_rel_diff']:.1e}",
@@ -223,5 +224,6 @@ def _table_rows(models: dict[str, Any]) -> list[list[object]]:
 NEW_BASE_HEADER = [
     "model", "N", "today s", "project s", "x project", "subspace s", "x subspace",
     "today cache MB", "project cache MB", "subspace cache MB", "today MB", "project MB",
+    "subspace MB",
     "project vs Alg1", "project vs today", "subspace vs exact",
 ]  # fmt: skip
