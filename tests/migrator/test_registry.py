@@ -17,7 +17,6 @@ from migrator.registry import (
 from migrator.registry.memory import MemoryRegistry
 from migrator.registry.mlflow_registry import MlflowRegistry, is_transient
 from migrator.registry.retry import retry_call
-from tests.fixtures.mlflow import MlflowStore
 
 
 def _register(registry: Registry, name: str, files: Path, tags: dict[str, str]) -> VersionRef:
@@ -39,14 +38,6 @@ def _register(registry: Registry, name: str, files: Path, tags: dict[str, str]) 
     return registry.create_version(
         name=name, run=run, artifact_path="files", tags=tags, description=""
     ).ref
-
-
-@pytest.fixture(params=["memory", "mlflow"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
-    if request.param == "memory":
-        return MemoryRegistry(tmp_path / "memory")
-    store: MlflowStore = request.getfixturevalue("mlflow_store")
-    return MlflowRegistry(store.uri, artifact_root=store.artifact_root, retries=0)
 
 
 def _files(tmp_path: Path, name: str, content: str) -> Path:

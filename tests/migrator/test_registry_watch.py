@@ -8,22 +8,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from migrator.registry import Registry, Tag, VersionRef, VersionStamp
 from migrator.registry.memory import MemoryRegistry
 from migrator.registry.mlflow_probe import DatabaseProbe, RestProbe, probe_for
 from migrator.registry.mlflow_registry import MlflowRegistry
 from tests.fixtures.mlflow import MlflowServer, MlflowStore
 from tests.migrator.scenario import register
-
-
-@pytest.fixture(params=["memory", "mlflow"])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
-    if request.param == "memory":
-        return MemoryRegistry(tmp_path / "memory")
-    store: MlflowStore = request.getfixturevalue("mlflow_store")
-    return MlflowRegistry(store.uri, artifact_root=store.artifact_root, retries=0)
 
 
 def _files(tmp_path: Path, name: str) -> Path:
