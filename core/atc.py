@@ -207,7 +207,7 @@ def _side(
             )
             phi[np.ix_(rows, cols)] = block.numpy()
             valid[np.ix_(rows, cols)] = True
-            del b, s_b, block
+            del b, s_b  # freed before the next group's stack is built
         del a, s_a
     return phi, valid
 

@@ -8,16 +8,14 @@ import textwrap
 
 import pytest
 
-from core.heap import release_free_memory
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_pages_freed_between_live_blocks_are_returned() -> None:
     """Blocks kept between freed ones pin the heap; the release hands the freed pages back,
-    so the resident size falls by about what was freed (here 190 of 200 MB)."""
+    so the resident size falls by most of what was freed (171 of the 191 MiB here)."""
     script = textwrap.dedent(
         """
-        import ctypes, gc
+        import ctypes
         from core.heap import release_free_memory
 
         def rss_mb():
@@ -46,7 +44,3 @@ def test_pages_freed_between_live_blocks_are_returned() -> None:
     ).stdout.split()
     assert out[0] == "True"
     assert float(out[1]) > 150
-
-
-def test_the_release_answers_without_failing() -> None:
-    assert release_free_memory() in (True, False)
